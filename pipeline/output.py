@@ -1,0 +1,238 @@
+"""The output contract (schema version 1): Parquet columns, file metadata, mask PNGs.
+
+Everything that reads or writes OUTPUT goes through here, so the contract has one home.
+Non-data files in OUTPUT start with ``_`` so that Parquet readers skip them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"drn_label"
+PROGRESS_FILE = "_progress.json"
+RUNS_DIR = "_runs"
+LEASE_FILE = "_lease.json"
+
+MASK_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("mask", MASK_TYPE),
+        ("class_scores", pa.list_(pa.float32())),
+        ("class_fraction", pa.list_(pa.float32())),
+        ("confidence", pa.float32()),
+        ("model", pa.string()),
+        ("weights_sha256", pa.string()),
+        ("run_id", pa.string()),
+        ("labelled_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class OutputMetadata:
+    """What travels with every Parquet file as the ``drn_label`` key-value metadata."""
+
+    model: str
+    weights: str | None
+    weights_sha256: str
+    num_classes: int
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    ignore_index: int = 255
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "schema_version": self.schema_version,
+                "model": self.model,
+                "weights": self.weights,
+                "weights_sha256": self.weights_sha256,
+                "num_classes": self.num_classes,
+                "classes": list(self.classes),
+                "palette": [list(c) for c in self.palette],
+                "mean": list(self.mean),
+                "std": list(self.std),
+                "ignore_index": self.ignore_index,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "OutputMetadata":
+        d = json.loads(text)
+        return cls(
+            model=d["model"],
+            weights=d.get("weights"),
+            weights_sha256=d["weights_sha256"],
+            num_classes=int(d["num_classes"]),
+            classes=tuple(d["classes"]),
+            palette=tuple(tuple(int(v) for v in c) for c in d["palette"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            ignore_index=int(d.get("ignore_index", 255)),
+            schema_version=int(d.get("schema_version", SCHEMA_VERSION)),
+        )
+
+
+def schema_with_metadata(meta: OutputMetadata) -> pa.Schema:
+    return SCHEMA.with_metadata({METADATA_KEY: meta.to_json().encode()})
+
+
+def mask_dtype(num_classes: int) -> np.dtype:
+    """8-bit masks up to 256 classes, 16-bit above."""
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
+
+
+def encode_mask(mask: np.ndarray, compression: int = 1) -> bytes:
+    """One-channel PNG of class indices. Level 1 is the measured size/time sweet spot."""
+    import cv2
+
+    ok, buf = cv2.imencode(".png", mask, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    if not ok:  # pragma: no cover - OpenCV only fails on unsupported dtypes
+        raise ValueError(f"cannot encode a mask of dtype {mask.dtype} as PNG")
+    return buf.tobytes()
+
+
+def decode_mask(data: bytes | dict | None) -> np.ndarray | None:
+    """Decode a ``mask`` cell (the struct or its PNG bytes) to an H x W array of class ids."""
+    import cv2
+
+    if data is None:
+        return None
+    if isinstance(data, dict):
+        data = data.get("bytes")
+        if data is None:
+            return None
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError("mask cell is not a PNG image")
+    return arr
+
+
+def class_fraction_of(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """The mask's own histogram divided by its pixel count (float32, length C)."""
+    counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
+    return (counts / max(mask.size, 1)).astype(np.float32)
+
+
+def data_files(output: str) -> list[str]:
+    """Committed Parquet data files under OUTPUT (skipping ``_``-prefixed names)."""
+    from pipeline.sources import resolve
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(output)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    files = []
+    for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = f.path[len(root):].lstrip("/")
+        if f.type != pafs.FileType.File or not rel.endswith(".parquet"):
+            continue
+        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+            continue
+        files.append(f.path)
+    return sorted(files)
+
+
+def open_dataset(output: str):
+    """A ``pyarrow.dataset`` over OUTPUT's committed data files (None when there are none)."""
+    import pyarrow.dataset as ds
+    from pipeline.sources import resolve
+
+    files = data_files(output)
+    if not files:
+        return None
+    fs, _ = resolve(output)
+    return ds.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA)
+
+
+def read_metadata(output: str) -> list[OutputMetadata]:
+    """The distinct ``drn_label`` metadata blocks found in OUTPUT's files."""
+    import pyarrow.parquet as pq
+    from pipeline.sources import resolve
+
+    fs, _ = resolve(output)
+    seen: dict[str, OutputMetadata] = {}
+    for path in data_files(output):
+        md = pq.read_schema(path, filesystem=fs).metadata or {}
+        raw = md.get(METADATA_KEY)
+        if raw is not None and raw not in seen:
+            seen[raw] = OutputMetadata.from_json(raw)
+    return list(seen.values())
+
+
+@dataclass(frozen=True)
+class MaskRow:
+    image_id: str
+    uri: str
+    status: str
+    error: str | None
+    mask: np.ndarray | None
+    class_scores: list[float] | None
+    class_fraction: list[float] | None
+    confidence: float | None
+    model: str
+    weights_sha256: str
+
+
+def read_masks(
+    output: str,
+    *,
+    columns: Sequence[str] = (),
+    status: str | None = "ok",
+    batch_size: int = 256,
+) -> Iterator[MaskRow]:
+    """Iterate OUTPUT's rows with masks decoded, streaming (bounded memory).
+
+    ``status="ok"`` (default) skips error rows; ``None`` yields every row.
+    """
+    import pyarrow.compute as pc
+
+    dataset = open_dataset(output)
+    if dataset is None:
+        return
+    wanted = [
+        "image_id", "uri", "status", "error", "mask", "class_scores",
+        "class_fraction", "confidence", "model", "weights_sha256", *columns,
+    ]
+    flt = pc.field("status") == status if status else None
+    for batch in dataset.to_batches(columns=list(dict.fromkeys(wanted)), filter=flt,
+                                    batch_size=batch_size):
+        for row in batch.to_pylist():
+            yield MaskRow(
+                image_id=row["image_id"],
+                uri=row["uri"],
+                status=row["status"],
+                error=row["error"],
+                mask=decode_mask(row["mask"]),
+                class_scores=row["class_scores"],
+                class_fraction=row["class_fraction"],
+                confidence=row["confidence"],
+                model=row["model"],
+                weights_sha256=row["weights_sha256"],
+            )
+
+
+def to_json_safe(value: Any) -> Any:
+    """Convert numpy scalars/arrays for json.dumps."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,163 @@
+"""Progress of a running job: counts aggregated by an actor, shown and saved by the driver.
+
+Workers report labelled and committed rows to a named actor; a driver thread polls it
+every few seconds, writes ``OUTPUT/_progress.json`` and prints a live line on a terminal
+(plain periodic lines otherwise). ``drn-label status OUTPUT`` prints the file.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, TextIO
+
+from pipeline.output import PROGRESS_FILE
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Progress:
+    run_id: str
+    output: str
+    state: str = "running"  # running, finished, failed, interrupted
+    total: int = 0  # images this run labels
+    skipped: int = 0  # images that already had a row (resume)
+    labelled: int = 0
+    labelled_ok: int = 0
+    labelled_errors: int = 0
+    committed: int = 0
+    committed_ok: int = 0
+    committed_errors: int = 0
+    images_per_s: float = 0.0
+    eta_s: float | None = None
+    started_at: str = field(default_factory=utc_now)
+    updated_at: str = field(default_factory=utc_now)
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+class ProgressCounter:
+    """The actor's body (also usable in-process)."""
+
+    def __init__(self) -> None:
+        self.labelled_ok = self.labelled_errors = 0
+        self.committed_ok = self.committed_errors = 0
+        self.first_t: float | None = None
+        self.last_t: float | None = None
+
+    def add_labelled(self, ok: int, errors: int, t: float) -> None:
+        self.labelled_ok += ok
+        self.labelled_errors += errors
+        self.first_t = t if self.first_t is None else min(self.first_t, t)
+        self.last_t = t if self.last_t is None else max(self.last_t, t)
+
+    def add_committed(self, ok: int, errors: int) -> None:
+        self.committed_ok += ok
+        self.committed_errors += errors
+
+    def snapshot(self) -> dict:
+        return dict(labelled_ok=self.labelled_ok, labelled_errors=self.labelled_errors,
+                    committed_ok=self.committed_ok, committed_errors=self.committed_errors,
+                    first_t=self.first_t, last_t=self.last_t)
+
+
+def start_counter_actor(name: str):
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(ProgressCounter)
+    return actor_cls.options(name=name, namespace="drn_label", lifetime=None).remote()
+
+
+def format_line(p: Progress) -> str:
+    done = p.labelled
+    pct = 100.0 * done / p.total if p.total else 100.0
+    width = 24
+    filled = int(width * min(done, p.total) / p.total) if p.total else width
+    bar = "#" * filled + "-" * (width - filled)
+    eta = f"{p.eta_s:.0f}s" if p.eta_s is not None else "?"
+    return (f"[{bar}] {done}/{p.total} ({pct:.0f}%)  errors {p.labelled_errors}  "
+            f"{p.images_per_s:.1f} img/s  ETA {eta}")
+
+
+class ProgressReporter:
+    """Driver thread: poll the counter, save _progress.json, print, keep the lease fresh."""
+
+    def __init__(self, progress: Progress, poll: Callable[[], dict] | None, *,
+                 save: Callable[[Progress], None], stream: TextIO | None = None,
+                 interval: float = 2.0, print_interval: float = 10.0,
+                 heartbeat: Callable[[], None] | None = None) -> None:
+        self.progress, self.poll, self.save = progress, poll, save
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval, self.print_interval = interval, print_interval
+        self.heartbeat = heartbeat
+        self._t0 = time.time()
+        self._last_print = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="drn-label-progress", daemon=True)
+
+    def start(self) -> "ProgressReporter":
+        self.save(self.progress)
+        self._thread.start()
+        return self
+
+    def update(self) -> None:
+        p = self.progress
+        if self.poll is not None:
+            try:
+                snap = self.poll()
+            except Exception:  # noqa: BLE001 - a missed poll is not worth failing a job
+                snap = None
+            if snap:
+                p.labelled_ok, p.labelled_errors = snap["labelled_ok"], snap["labelled_errors"]
+                p.committed_ok, p.committed_errors = snap["committed_ok"], snap["committed_errors"]
+                p.labelled = p.labelled_ok + p.labelled_errors
+                p.committed = p.committed_ok + p.committed_errors
+                if snap["first_t"] and p.labelled:
+                    # rate since the first image came out of the model (start-up excluded)
+                    span = max(time.time() - snap["first_t"], 1e-3)
+                    p.images_per_s = round(p.labelled / span, 3)
+        p.elapsed_s = round(time.time() - self._t0, 2)
+        if p.images_per_s > 0:
+            p.eta_s = round(max(p.total - p.labelled, 0) / p.images_per_s, 1)
+        p.updated_at = utc_now()
+
+    def _emit(self, final: bool = False) -> None:
+        line = format_line(self.progress)
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+            self.stream.flush()
+        elif final or time.time() - self._last_print >= self.print_interval:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self._last_print = time.time()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.update()
+            try:
+                self.save(self.progress)
+                if self.heartbeat:
+                    self.heartbeat()
+            except Exception:  # noqa: BLE001
+                pass
+            self._emit()
+
+    def finish(self, state: str) -> Progress:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.update()
+        self.progress.state = state
+        self.progress.eta_s = 0.0 if state == "finished" else self.progress.eta_s
+        self.save(self.progress)
+        self._emit(final=True)
+        return self.progress

@@ -1,0 +1,448 @@
+"""Where images come from: resolve URIs to pyarrow filesystems, list inputs, read bytes.
+
+INPUT is one of
+- a directory (local or ``s3://bucket/prefix``), listed recursively; image_id is the
+  path relative to it with forward slashes;
+- a glob (``photos/**/*.jpg``, ``s3://bucket/raw/*/cam?.png``): ``*``, ``?`` and
+  ``[...]`` stay within one folder, ``**`` spans any number of folders, matching is
+  case-sensitive as in a shell; image_id is relative to the glob's folder before the
+  first wildcard;
+- a manifest: ``.txt`` (one URI a line; blank lines and ``#`` comments skipped; the
+  image_id is the URI as written) or ``.csv`` / ``.parquet`` with a ``uri`` column and
+  an optional ``image_id`` column (the URI as written where absent); relative URIs
+  resolve against the manifest's folder;
+- a single image file (image_id: its file name).
+Files and folders whose names start with "." are skipped by directory and glob listings.
+
+Listing is one recursive ``get_file_info(FileSelector)`` call plus vectorised Arrow
+compute, so a million files cost one listing, not a million Python-level checks.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import random
+import re
+import threading
+import time
+from urllib.parse import unquote, urlsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "INPUT_SCHEMA", "InputError", "ReadError", "is_transient",
+    "list_inputs", "read_bytes", "resolve", "to_uri",
+]
+
+IMAGE_EXTENSIONS = ("bmp", "jpeg", "jpg", "png", "tif", "tiff", "webp")
+"""Extensions a directory listing picks up, in any letter case."""
+
+INPUT_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string())])
+
+MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+
+_IMAGE_RE = r"(?i)\.(" + "|".join(IMAGE_EXTENSIONS) + r")$"
+_HIDDEN_RE = r"(^|/)\."
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class InputError(ValueError):
+    """INPUT cannot be listed; the message names it and says what to do."""
+
+
+class ReadError(OSError):
+    """An image's bytes could not be read, after retries where the failure was transient.
+
+    One line: the URI, the reason, the attempts made. `transient` says whether the last
+    failure was of the retryable kind (so a later rerun may succeed).
+    """
+
+    def __init__(self, uri: str, reason: str, attempts: int, transient: bool) -> None:
+        kind = ("transient error, retries exhausted" if transient
+                else "permanent error, not retried")
+        plural = "" if attempts == 1 else "s"
+        super().__init__(f"{uri}: could not read ({reason}; {attempts} attempt{plural}, {kind})")
+        self.uri, self.reason, self.attempts, self.transient = uri, reason, attempts, transient
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __reduce__(self):  # keep the fields when pickled across processes
+        return (type(self), (self.uri, self.reason, self.attempts, self.transient))
+
+
+# -- resolving URIs ------------------------------------------------------------------------
+_FS_CACHE: dict[tuple, pafs.FileSystem] = {}
+_FS_LOCK = threading.Lock()
+
+
+def _split(uri: str) -> tuple[str, str]:
+    """(scheme, path as pyarrow wants it): "local" -> absolute path, "s3" -> bucket/key.
+    Trailing slashes are dropped."""
+    match = _SCHEME_RE.match(uri)
+    scheme = match.group(1).lower() if match else ""
+    if scheme == "s3":
+        path = uri[match.end():].strip("/")
+        if not path:
+            raise ValueError(f"{uri}: an s3:// URI needs a bucket name (s3://bucket/key)")
+        return "s3", path
+    if scheme == "file":
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{uri}: file:// URIs must name a local path (file:///path)")
+        return "local", _local_path(unquote(parts.path))
+    if scheme:
+        raise ValueError(f"{uri}: unsupported scheme '{scheme}://' "
+                         "(use a local path, file:// or s3://)")
+    return "local", _local_path(uri)
+
+
+def _local_path(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else os.getcwd()
+
+
+def to_uri(scheme: str, path: str) -> str:
+    """The inverse of resolution: a local path stays a path; s3 gets its scheme back."""
+    return f"s3://{path}" if scheme == "s3" else path
+
+
+def _s3_filesystem() -> pafs.FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    access_key = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    session_token = os.environ.get("AWS_SESSION_TOKEN")
+    # The credentials' key id is part of the key so that a changed environment (tests,
+    # a rotated key) gets a new client; the secret itself is not kept in the key.
+    key = ("s3", endpoint, region, access_key, session_token is not None)
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+        if fs is not None:
+            return fs
+        kwargs: dict = {}
+        if endpoint:
+            parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+            kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
+            kwargs["scheme"] = parts.scheme
+        if region:
+            kwargs["region"] = region
+        if access_key and secret_key:  # otherwise the SDK's default chain (profile, IMDS, IRSA)
+            kwargs.update(access_key=access_key, secret_key=secret_key)
+            if session_token:
+                kwargs["session_token"] = session_token
+        fs = pafs.S3FileSystem(**kwargs)
+        _FS_CACHE[key] = fs
+        return fs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem that holds `uri` and the path on it (no trailing slash).
+
+    Local paths (relative ones against the working directory), ``file://`` and
+    ``s3://bucket/key``. S3 honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (with its
+    http/https scheme), AWS_REGION / AWS_DEFAULT_REGION and the usual credential
+    variables, read when a filesystem is first made; filesystems are cached per process.
+    """
+    scheme, path = _split(uri)
+    if scheme == "s3":
+        return _s3_filesystem(), path
+    return pafs.LocalFileSystem(), path
+
+
+# -- listing inputs --------------------------------------------------------------------------
+def list_inputs(input: str) -> pa.Table:  # noqa: A002 - the CLI's name for it
+    """The images INPUT names, as a table of `image_id` and `uri` (strings), sorted by
+    image_id. Raises InputError, naming INPUT and the fix, when nothing can be listed."""
+    try:
+        scheme, path = _split(input)
+        fs, _ = resolve(input)
+    except ValueError as exc:
+        raise InputError(f"input {exc}") from None
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound and _GLOB_CHARS.search(path):
+        table = _list_glob(input, fs, scheme, path)
+    elif info.type == pafs.FileType.NotFound:
+        raise InputError(
+            f"input {input}: no such file or directory; give an existing directory, a glob "
+            "(e.g. 'photos/**/*.jpg') or a manifest (.txt, .csv, .parquet)")
+    elif info.type == pafs.FileType.Directory:
+        table = _list_directory(input, fs, scheme, path)
+    elif path.lower().endswith(MANIFEST_EXTENSIONS):
+        table = _read_manifest(input, fs, scheme, path)
+    elif re.search(_IMAGE_RE, path):
+        table = pa.table({"image_id": [posixpath.basename(path)],
+                          "uri": [to_uri(scheme, path)]}, schema=INPUT_SCHEMA)
+    else:
+        raise InputError(
+            f"input {input}: not a directory, glob, manifest or image; manifests end in "
+            f".txt, .csv or .parquet, images in .{', .'.join(IMAGE_EXTENSIONS)}")
+    table = table.sort_by("image_id")
+    _check_unique(input, table.column("image_id"))
+    return table
+
+
+def _listing(fs: pafs.FileSystem, base: str, recursive: bool) -> tuple[pa.Array, pa.Array]:
+    """(full paths, paths relative to base) of the files under base, hidden ones skipped."""
+    selector = pafs.FileSelector(base, recursive=recursive)
+    paths = pa.array([i.path for i in fs.get_file_info(selector) if i.is_file], pa.string())
+    prefix = base.rstrip("/") + "/"
+    relative = pc.utf8_slice_codeunits(paths, len(prefix))
+    visible = pc.invert(pc.match_substring_regex(relative, _HIDDEN_RE))
+    return paths.filter(visible), relative.filter(visible)
+
+
+def _table(scheme: str, paths: pa.Array, image_ids: pa.Array) -> pa.Table:
+    uris = paths if scheme != "s3" else pc.binary_join_element_wise("s3://", paths, "")
+    return pa.table({"image_id": image_ids, "uri": uris}, schema=INPUT_SCHEMA)
+
+
+def _list_directory(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Table:
+    paths, relative = _listing(fs, path, recursive=True)
+    images = pc.match_substring_regex(relative, _IMAGE_RE)
+    if not pc.any(images).as_py():
+        raise InputError(
+            f"input {input}: no images in this directory or its subfolders (looked for "
+            f".{', .'.join(IMAGE_EXTENSIONS)} in any letter case); point INPUT at the folder "
+            "that holds the images, or use a glob or a manifest")
+    return _table(scheme, paths.filter(images), relative.filter(images))
+
+
+def glob_to_regex(pattern: str) -> str:
+    """An anchored RE2 regex for a glob over '/'-separated relative paths."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if pattern.startswith("**", i) and (i == 0 or pattern[i - 1] == "/"):
+            if pattern.startswith("**/", i):
+                out.append("(?:[^/]*/)*")  # zero or more folders
+                i += 3
+                continue
+            if i + 2 == n:
+                out.append(".*")
+                i += 2
+                continue
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            body = "".join(c if c.isalnum() or c == "-" else f"\\x{{{ord(c):x}}}" for c in body)
+            out.append(f"[{'^/' if negate else ''}{body}]")
+            i = end + 1
+            continue
+        else:
+            out.append(char if char.isalnum() else f"\\x{{{ord(char):x}}}")
+        i += 1
+    return "^" + "".join(out) + "$"
+
+
+def _list_glob(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Table:
+    parts = path.split("/")
+    first = next(k for k, part in enumerate(parts) if _GLOB_CHARS.search(part))
+    if scheme == "s3" and first == 0:
+        raise InputError(f"input {input}: the bucket name cannot hold a wildcard")
+    base = "/".join(parts[:first]) or "/"
+    pattern = "/".join(parts[first:])
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        raise InputError(f"input {input}: the glob's folder {to_uri(scheme, base)} does not "
+                         "exist; check the path before the first wildcard")
+    paths, relative = _listing(fs, base, recursive="/" in pattern or "**" in pattern)
+    matches = pc.match_substring_regex(relative, glob_to_regex(pattern))
+    if not pc.any(matches).as_py():
+        raise InputError(f"input {input}: the glob matched no files; check the pattern "
+                         "(matching is case-sensitive; '**' spans folders)")
+    return _table(scheme, paths.filter(matches), relative.filter(matches))
+
+
+def _read_manifest(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Table:
+    suffix = path.lower().rsplit(".", 1)[-1]
+    if suffix == "txt":
+        with fs.open_input_stream(path) as stream:
+            raw = stream.read()
+        try:
+            lines = raw.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"input {input}: manifest is not UTF-8 text "
+                             f"({exc.reason} at byte {exc.start})") from None
+        written = pc.utf8_trim_whitespace(pa.array(lines, pa.string()))
+        keep = pc.and_(pc.not_equal(written, ""), pc.invert(pc.starts_with(written, "#")))
+        written = written.filter(keep)
+        image_ids = written
+    else:
+        table = _read_table(input, fs, path, suffix)
+        written = pc.utf8_trim_whitespace(_as_string(table.column("uri")))
+        empty = pc.fill_null(pc.equal(written, ""), True)
+        if pc.any(empty).as_py():
+            row = pc.index(empty, True).as_py()
+            raise InputError(f"input {input}: row {row + 1} has an empty uri; every row "
+                             "needs the path or URI of one image")
+        image_ids = written
+        if "image_id" in table.column_names:
+            given = _as_string(table.column("image_id"))
+            image_ids = pc.if_else(pc.fill_null(pc.equal(given, ""), True), written, given)
+    uris = _resolve_relative(written, scheme, posixpath.dirname(path))
+    return pa.table({"image_id": image_ids, "uri": uris}, schema=INPUT_SCHEMA)
+
+
+def _read_table(input: str, fs: pafs.FileSystem, path: str, suffix: str) -> pa.Table:
+    """The `uri` (and `image_id`, if any) columns of a .csv or .parquet manifest."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    wanted = {"uri": pa.string(), "image_id": pa.string()}
+    try:
+        if suffix == "csv":
+            with fs.open_input_stream(path) as stream:
+                table = pcsv.read_csv(stream, convert_options=pcsv.ConvertOptions(
+                    column_types=wanted, strings_can_be_null=True))
+            names = table.column_names
+        else:
+            names = pq.read_schema(path, filesystem=fs).names
+            table = None
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"input {input}: cannot read the manifest "
+                         f"({' '.join(str(exc).split())})") from None
+    if "uri" not in names:
+        raise InputError(
+            f"input {input}: manifest has no 'uri' column (its columns: "
+            f"{', '.join(names) or 'none'}); add a 'uri' column with one image path or URI "
+            "per row")
+    if table is None:
+        table = pq.read_table(path, filesystem=fs, columns=[c for c in wanted if c in names])
+    return table
+
+
+def _as_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    return column if column.type == pa.string() else pc.cast(column, pa.string())
+
+
+def _resolve_relative(written: pa.Array, scheme: str, folder: str) -> pa.Array:
+    """URIs as written, with relative ones joined onto the manifest's folder."""
+    absolute = pc.or_(pc.match_substring_regex(written, _SCHEME_RE.pattern),
+                      pc.starts_with(written, "/"))
+    if pc.all(absolute).as_py():
+        return written
+    joined = pc.binary_join_element_wise(folder, written, "/")
+    dotted = pc.and_(pc.invert(absolute), pc.match_substring_regex(written, r"(^|/)\.\.?(/|$)"))
+    if pc.any(dotted).as_py():  # rare: normalise ./ and ../ in Python, only for those rows
+        joined = pa.array([posixpath.normpath(p) if d else p
+                           for p, d in zip(joined.to_pylist(), dotted.to_pylist())], pa.string())
+    if scheme == "s3":
+        joined = pc.binary_join_element_wise("s3://", joined, "")
+    return pc.if_else(absolute, written, joined)
+
+
+def _check_unique(input: str, image_ids: pa.ChunkedArray) -> None:
+    """image_ids are sorted: a duplicate sits next to its twin."""
+    ids = image_ids.combine_chunks()
+    if len(ids) < 2:
+        return
+    same = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+    if not pc.any(same).as_py():
+        return
+    first = ids[pc.index(same, True).as_py()].as_py()
+    times = pc.sum(pc.equal(ids, first)).as_py()
+    raise InputError(f"input {input}: image_id {first!r} appears {times} times; image_ids must "
+                     "be unique (remove the repeated entries or give each row its own "
+                     "image_id)")
+
+
+# -- reading bytes ---------------------------------------------------------------------------
+_PERMANENT_TYPES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                    FileExistsError)
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "EIO", "EAGAIN", "EBUSY", "EINTR", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED",
+        "ECONNABORTED", "EPIPE", "ENETDOWN", "ENETUNREACH", "ENETRESET", "EHOSTUNREACH",
+        "EHOSTDOWN", "ESTALE")
+    if hasattr(errno, name))
+_PERMANENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "ENAMETOOLONG", "ELOOP", "EINVAL",
+        "EROFS")
+    if hasattr(errno, name))
+_HTTP_STATUS = re.compile(r"http (?:status|response code)[: ]*(\d{3})")
+_TRANSIENT_WORDS = re.compile(
+    r"timeout|timed out|connection|reset by peer|refused|broken pipe|temporar|try again"
+    r"|throttl|slow ?down|slow_down|too many requests|request limit|service unavailable"
+    r"|unavailable|internal ?error|internal_failure|network|unreachable|curlcode"
+    r"|unexpected eof|premature end")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the read that raised `exc` may succeed.
+
+    Transient: connection and timeout errors, network-ish errno values (EIO included:
+    FUSE mounts of object stores report network failures that way), object-store
+    throttling and 5xx responses. Permanent: not found, permission denied, a directory,
+    other 4xx responses, and anything that is not an OSError (bad URIs, bad arguments).
+    """
+    if isinstance(exc, ReadError):
+        return exc.transient
+    if isinstance(exc, _PERMANENT_TYPES):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    if exc.errno in _PERMANENT_ERRNOS:
+        return False
+    message = str(exc).lower()
+    status = _HTTP_STATUS.search(message)
+    if status:
+        code = int(status.group(1))
+        return code >= 500 or code in (408, 429)
+    return bool(_TRANSIENT_WORDS.search(message))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    text = " ".join(str(exc).split()) or "no detail"
+    if isinstance(exc, IsADirectoryError) or text.endswith("is a directory"):
+        return "is a directory"
+    if text.startswith("Not a regular file"):  # an S3 bucket, or a prefix with a marker
+        return "not a file"
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
+def read_bytes(uri: str, *, retries: int = 3, backoff: float = 0.2,
+               filesystem: pafs.FileSystem | None = None) -> bytes:
+    """The whole object at `uri`.
+
+    Transient failures (see `is_transient`) are retried up to `retries` times, waiting
+    `backoff` * 2**k seconds (k = 0, 1, ...) with +-50% jitter between attempts;
+    permanent ones fail at once. Any failure ends in a ReadError (one line: the URI, the
+    reason, the attempts). `filesystem` replaces the filesystem `uri` resolves to (the
+    path is still taken from `uri`): the hook for fault injection and custom stores.
+    """
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            if filesystem is None:
+                fs, path = resolve(uri)
+            else:
+                fs, path = filesystem, _split(uri)[1]
+            with fs.open_input_stream(path) as stream:
+                return stream.read()
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            transient = is_transient(exc)
+            if not transient or attempts > retries:
+                raise ReadError(uri, _reason(exc), attempts, transient) from exc
+        delay = backoff * (2 ** (attempts - 1)) * random.uniform(0.5, 1.5)
+        time.sleep(min(delay, 30.0))

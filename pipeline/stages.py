@@ -1,0 +1,190 @@
+"""The per-batch functions of a labelling job: decode, predict, encode.
+
+Each takes and returns a `pyarrow.Table` (Ray Data's "pyarrow" batch format), so blocks
+stay plain Arrow between stages. Nothing here raises for one bad image: a failure becomes
+an error row (status "error", a one-line reason) and the batch goes on.
+Ray appears only in `report_progress`, which is a no-op without a running job.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.output import SCHEMA, class_fraction_of, encode_mask, mask_dtype
+
+# Columns between decode and predict: the source size, the inference size, raw RGB bytes.
+DECODED = pa.schema([
+    ("image_id", pa.string()), ("uri", pa.string()), ("status", pa.string()),
+    ("error", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
+    ("in_height", pa.int32()), ("in_width", pa.int32()), ("pixels", pa.large_binary()),
+])
+# Columns between predict and encode: the raw mask at inference size and C floats.
+PREDICTED = pa.schema([
+    ("image_id", pa.string()), ("uri", pa.string()), ("status", pa.string()),
+    ("error", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
+    ("mask_raw", pa.large_binary()), ("mask_height", pa.int32()), ("mask_width", pa.int32()),
+    ("class_scores", pa.list_(pa.float32())), ("class_fraction", pa.list_(pa.float32())),
+    ("confidence", pa.float32()),
+])
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# -- decode (CPU tasks) ------------------------------------------------------------------
+def decode_batch(batch: pa.Table, *, max_side: int, retries: int) -> pa.Table:
+    """Read and decode each row's image; errors become rows."""
+    from pipeline.decode import decode_image, fit_max_side
+    from pipeline.sources import read_bytes
+
+    out: dict[str, list] = {name: [] for name in DECODED.names}
+    for image_id, uri in zip(batch.column("image_id").to_pylist(), batch.column("uri").to_pylist()):
+        row = {"image_id": image_id, "uri": uri, "status": "ok", "error": None, "height": None,
+               "width": None, "in_height": None, "in_width": None, "pixels": None}
+        try:
+            data = read_bytes(uri, retries=retries)
+            rgb = decode_image(data, uri)
+            row["height"], row["width"] = int(rgb.shape[0]), int(rgb.shape[1])
+            small = fit_max_side(rgb, max_side)
+            row["in_height"], row["in_width"] = int(small.shape[0]), int(small.shape[1])
+            row["pixels"] = np.ascontiguousarray(small).tobytes()
+        except Exception as exc:  # noqa: BLE001 - any failure is this image's error row
+            row["status"], row["error"] = "error", one_line(exc if str(exc) else repr(exc))
+        for name in DECODED.names:
+            out[name].append(row[name])
+    return pa.table(out, schema=DECODED)
+
+
+# -- predict (actor pool) ----------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a predict actor needs to build its model; crosses the actor boundary."""
+
+    model: str
+    weights: str | None
+    classes: str | None
+    num_classes: int | None
+    precision: str = "fp32"
+    batch_size: int = 4
+    torch_threads: int | None = None
+    device: str = "auto"
+
+    def build(self):
+        import drn
+
+        return drn.create_model(self.model, weights=self.weights, classes=self.classes,
+                                num_classes=self.num_classes, task="segment")
+
+
+class PredictActor:
+    """Holds one model for its lifetime; labels the ok rows of each batch."""
+
+    def __init__(self, spec: ModelSpec, progress_actor: str | None = None) -> None:
+        import torch
+
+        from drn.predictor import Predictor
+
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        self.spec, self.progress_actor = spec, progress_actor
+        model = spec.build()
+        self.num_classes = model.drn_config.num_classes
+        self.predictor = Predictor.from_model(model, device=spec.device, precision=spec.precision,
+                                              batch_size=spec.batch_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pydict()
+        n = batch.num_rows
+        ok = [i for i in range(n) if rows["status"][i] == "ok"]
+        images = []
+        for i in ok:
+            h, w = rows["in_height"][i], rows["in_width"][i]
+            images.append(np.frombuffer(rows["pixels"][i], np.uint8).reshape(h, w, 3))
+        preds = self.predictor.predict(images) if images else []
+        out = {name: [None] * n for name in PREDICTED.names}
+        for name in ("image_id", "uri", "status", "error", "height", "width"):
+            out[name] = list(rows[name])
+        for i, pred in zip(ok, preds):
+            if pred.error is not None:
+                out["status"][i], out["error"][i] = "error", f"{rows['uri'][i]}: {pred.error}"
+                continue
+            out["mask_raw"][i] = pred.mask.tobytes()
+            out["mask_height"][i], out["mask_width"][i] = pred.mask.shape
+            out["class_scores"][i] = pred.class_scores.tolist()
+            out["class_fraction"][i] = pred.class_fraction.tolist()
+            out["confidence"][i] = pred.confidence
+        table = pa.table(out, schema=PREDICTED)
+        report_progress(self.progress_actor, table)
+        return table
+
+
+# -- encode (CPU tasks, fused with the write) ----------------------------------------------
+@dataclass(frozen=True)
+class RowIdentity:
+    model: str
+    weights_sha256: str
+    run_id: str
+    num_classes: int
+    png_compression: int = 1
+
+
+def encode_batch(batch: pa.Table, *, identity: RowIdentity) -> pa.Table:
+    """Masks to PNG at the source size; the final output rows (schema version 1)."""
+    from pipeline.decode import resize_mask
+
+    rows = batch.to_pydict()
+    n = batch.num_rows
+    dtype = mask_dtype(identity.num_classes)
+    masks: list = [None] * n
+    fractions = list(rows["class_fraction"])
+    status, error = list(rows["status"]), list(rows["error"])
+    for i in range(n):
+        if status[i] != "ok":
+            continue
+        try:
+            mask = np.frombuffer(rows["mask_raw"][i], dtype).reshape(
+                rows["mask_height"][i], rows["mask_width"][i])
+            h, w = rows["height"][i], rows["width"][i]
+            if mask.shape != (h, w):  # inferred at a smaller size (--max-side): back to source
+                mask = resize_mask(mask, h, w)
+                fractions[i] = class_fraction_of(mask, identity.num_classes).tolist()
+            masks[i] = {"bytes": encode_mask(mask, identity.png_compression), "path": None}
+        except Exception as exc:  # noqa: BLE001
+            status[i], error[i] = "error", one_line(f"{rows['uri'][i]}: cannot encode mask: {exc}")
+            fractions[i] = None
+    now = datetime.now(timezone.utc)
+    table = pa.table({
+        "image_id": rows["image_id"], "uri": rows["uri"], "status": status, "error": error,
+        "height": rows["height"], "width": rows["width"], "mask": masks,
+        "class_scores": [s if st == "ok" else None for s, st in zip(rows["class_scores"], status)],
+        "class_fraction": [f if st == "ok" else None for f, st in zip(fractions, status)],
+        "confidence": [c if st == "ok" else None for c, st in zip(rows["confidence"], status)],
+        "model": [identity.model] * n, "weights_sha256": [identity.weights_sha256] * n,
+        "run_id": [identity.run_id] * n, "labelled_at": [now] * n,
+    }, schema=SCHEMA)
+    return table
+
+
+_progress_handles: dict[str, object] = {}
+
+
+def report_progress(actor_name: str | None, table: pa.Table) -> None:
+    """Tell the run's progress actor about labelled rows (fire and forget)."""
+    if not actor_name:
+        return
+    try:
+        import ray
+
+        handle = _progress_handles.get(actor_name)
+        if handle is None:
+            handle = ray.get_actor(actor_name, namespace="drn_label")
+            _progress_handles[actor_name] = handle
+        errors = sum(1 for s in table.column("status").to_pylist() if s != "ok")
+        handle.add_labelled.remote(table.num_rows - errors, errors, time.time())
+    except Exception:  # noqa: BLE001 - progress must never fail a batch
+        pass

@@ -1,0 +1,41 @@
+"""Shared fixtures: one real local Ray per test session, on loopback only."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest_plugins = ["tests.s3server"]
+
+# Keep every Ray process on 127.0.0.1 (Linux would otherwise pick the machine's address).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """A single local Ray instance (num_cpus=2) shared by every test that needs one.
+
+    The S3 test server starts first: Ray workers copy the driver's environment (the
+    endpoint and credentials) when Ray starts.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def cli_runner():
+    from click.testing import CliRunner
+
+    return CliRunner()
