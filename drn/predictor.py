@@ -1,0 +1,188 @@
+"""The predictor core: RGB uint8 images in, masks and class statistics out.
+
+Plain PyTorch (no Ray, no I/O), so it runs and is benchmarked on a GPU machine alone.
+
+- Images are grouped by exact size, so a mask never depends on which other images share
+  its batch (padding a small image onto a larger canvas would change a DRN's output near
+  the edges). The model itself pads each batch to a multiple of 8 and crops back.
+- Normalisation, softmax, the statistics and the arg-max run on the device; only the
+  mask (uint8, or uint16 above 256 classes) and C floats per image come back.
+- Out of memory: the batch is split in halves and retried; an image that alone does not
+  fit becomes a failed `Prediction` naming the memory it needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result. ``error`` is set (and the rest None) when it could not be labelled."""
+
+    mask: np.ndarray | None
+    class_scores: np.ndarray | None  # float32, length C, sums to 1
+    class_fraction: np.ndarray | None  # float32, length C, the mask's histogram / pixels
+    confidence: float | None  # mean over pixels of the top softmax probability
+    error: str | None = None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        "out of memory" in msg or "can't allocate memory" in msg or "cannot allocate memory" in msg
+        or isinstance(exc, MemoryError)
+    )
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """Wraps a segmentation model built by `drn.create_model`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: str | torch.device | None = "auto",
+        precision: str = "fp32",
+        channels_last: bool | None = None,
+        batch_size: int = 4,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.device = pick_device(device)
+        if self.device.type == "cpu" and precision == "fp16":
+            # fp16 convolutions on CPU are slow or unsupported; bf16 is the CPU's mixed precision.
+            raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        self.precision = precision
+        self.batch_size = max(1, int(batch_size))
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        model = model.eval().to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        cfg = getattr(model, "drn_config", None)
+        self.num_classes = int(cfg.num_classes) if cfg is not None else None
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, **kwargs) -> "Predictor":
+        """Use the model's own label set for mean/std (ImageNet's when it has none)."""
+        cfg = getattr(model, "drn_config", None)
+        label_set = getattr(cfg, "label_set", None)
+        mean = label_set.mean if label_set is not None else (0.485, 0.456, 0.406)
+        std = label_set.std if label_set is not None else (0.229, 0.224, 0.225)
+        return cls(model, mean=mean, std=std, **kwargs)
+
+    # -- the device part ---------------------------------------------------------------
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+
+    def normalise(self, batch_hwc_uint8: torch.Tensor) -> torch.Tensor:
+        """N x H x W x 3 uint8 (RGB) on any device -> N x 3 x H x W float32 normalised."""
+        x = batch_hwc_uint8.to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float()
+        x = (x - self._mean) / self._std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @torch.inference_mode()
+    def _forward_same_size(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        host = torch.from_numpy(np.stack(images))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        x = self.normalise(host)
+        with self._autocast():
+            logits = self.model(x)
+        logits = logits.float()
+        n, c, h, w = logits.shape
+        probs = torch.softmax(logits, dim=1)
+        class_scores = probs.mean(dim=(2, 3))
+        top = probs.max(dim=1)
+        confidence = top.values.mean(dim=(1, 2))
+        mask = top.indices  # N x H x W, int64
+        offsets = torch.arange(n, device=mask.device).view(n, 1, 1) * c
+        counts = torch.bincount((mask + offsets).reshape(-1), minlength=n * c).view(n, c)
+        class_fraction = counts.float() / float(h * w)
+        mask_dtype = torch.uint8 if c <= 256 else torch.int32
+        mask_host = mask.to(mask_dtype).cpu().numpy()
+        if c > 256:
+            mask_host = mask_host.astype(np.uint16)
+        scores_host = class_scores.cpu().numpy().astype(np.float32)
+        fraction_host = class_fraction.cpu().numpy().astype(np.float32)
+        conf_host = confidence.cpu().numpy().astype(np.float32)
+        return [
+            Prediction(mask_host[i], scores_host[i], fraction_host[i], float(conf_host[i]))
+            for i in range(n)
+        ]
+
+    def _forward_splitting(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        try:
+            return self._forward_same_size(images)
+        except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+            if not _is_oom(exc):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(images) == 1:
+                h, w = images[0].shape[:2]
+                need = self.estimate_bytes(h, w)
+                return [Prediction(None, None, None, None,
+                                   error=f"out of memory labelling a {w}x{h} image "
+                                         f"(needs about {need / 2**20:.0f} MiB on {self.device.type}); "
+                                         f"lower --max-side")]
+            half = len(images) // 2
+            log.warning("out of memory on a batch of %d; retrying as %d + %d",
+                        len(images), half, len(images) - half)
+            return self._forward_splitting(images[:half]) + self._forward_splitting(images[half:])
+
+    def estimate_bytes(self, height: int, width: int) -> int:
+        """A rough size of one image's activations: the figure an OOM error reports."""
+        c = self.num_classes or 1
+        h8, w8 = -(-height // 8) * 8, -(-width // 8) * 8
+        # input, stage-1/2 activations (16+32 channels at full size), logits and probabilities
+        return int(4 * h8 * w8 * (3 + 2 * 16 + 2 * 32 + 3 * c))
+
+    # -- the public part ---------------------------------------------------------------
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Label H x W x 3 uint8 RGB images of any sizes; results in input order."""
+        for i, img in enumerate(images):
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise ValueError(
+                    f"image {i}: expected H x W x 3 uint8 RGB, got shape {img.shape} dtype {img.dtype}"
+                )
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(img.shape[:2], []).append(i)
+        results: list[Prediction | None] = [None] * len(images)
+        for idx in groups.values():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                preds = self._forward_splitting([images[i] for i in chunk])
+                for i, pred in zip(chunk, preds):
+                    results[i] = pred
+        return results  # type: ignore[return-value]

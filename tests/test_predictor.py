@@ -1,0 +1,108 @@
+"""The predictor core: plain PyTorch, real forward passes on tiny images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from drn.predictor import Predictor
+from tests.imagegen import scene
+from tests.modelkit import content_model
+
+MEAN, STD = (0.29010, 0.32808, 0.28696), (0.18295, 0.18657, 0.18448)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return content_model("drn_d_22", num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def predictor(model):
+    return Predictor(model, mean=MEAN, std=STD, batch_size=4)
+
+
+def direct_mask(model, rgb: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float().unsqueeze(0) / 255.0
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model(x).argmax(1)[0].numpy()
+
+
+def test_statistics_follow_the_mask(predictor):
+    images = [scene(37, 53, 1), scene(64, 48, 2), scene(37, 53, 3)]
+    preds = predictor.predict(images)
+    for img, p in zip(images, preds):
+        assert p.error is None
+        assert p.mask.shape == img.shape[:2] and p.mask.dtype == np.uint8
+        assert p.class_scores.dtype == np.float32 and p.class_scores.shape == (5,)
+        assert abs(float(p.class_scores.sum()) - 1.0) < 1e-4
+        hist = np.bincount(p.mask.ravel(), minlength=5) / p.mask.size
+        np.testing.assert_allclose(p.class_fraction, hist, atol=1e-6)
+        assert 1 / 5 <= p.confidence <= 1.0
+        assert len(np.unique(p.mask)) >= 2, "masks must follow content, not a constant class"
+
+
+def test_mask_equals_the_models_own_argmax(model, predictor):
+    for seed, (h, w) in enumerate([(37, 53), (40, 40), (17, 90)]):
+        img = scene(h, w, seed)
+        np.testing.assert_array_equal(predictor.predict([img])[0].mask, direct_mask(model, img))
+
+
+def test_mask_does_not_depend_on_batch_neighbours(predictor):
+    target = scene(45, 61, 7)
+    alone = predictor.predict([target])[0]
+    crowd = predictor.predict([scene(120, 90, 8), target, scene(45, 61, 9), scene(33, 33, 10)])[1]
+    np.testing.assert_array_equal(alone.mask, crowd.mask)
+    np.testing.assert_allclose(alone.class_scores, crowd.class_scores, atol=1e-5)
+
+
+def test_rejects_non_rgb_input(predictor):
+    with pytest.raises(ValueError, match=r"image 0: expected H x W x 3 uint8 RGB, got shape \(8, 8\)"):
+        predictor.predict([np.zeros((8, 8), np.uint8)])
+
+
+def test_fp16_on_cpu_is_refused(model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: fp16 is allowed there")
+    with pytest.raises(ValueError, match="precision fp16 needs a GPU; use bf16 or fp32 on CPU"):
+        Predictor(model, mean=MEAN, std=STD, precision="fp16", device="cpu")
+
+
+def test_bf16_on_cpu_agrees_with_fp32_mostly(model, predictor):
+    img = scene(64, 64, 11)
+    ref = predictor.predict([img])[0].mask
+    bf16 = Predictor(model, mean=MEAN, std=STD, precision="bf16", device="cpu").predict([img])[0]
+    assert (bf16.mask == ref).mean() > 0.8
+
+
+class _OutOfMemoryAbove(torch.nn.Module):
+    """Fault injection at the device boundary: the real model, but a batch whose pixel
+    count exceeds a budget raises torch.OutOfMemoryError as an allocator would."""
+
+    def __init__(self, model, max_pixels: int):
+        super().__init__()
+        self.model, self.max_pixels = model, max_pixels
+        self.drn_config = model.drn_config
+        self.calls: list[int] = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        if x.shape[0] * x.shape[2] * x.shape[3] > self.max_pixels:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model(x)
+
+
+def test_out_of_memory_splits_the_batch_and_reports_what_alone_does_not_fit(model, predictor):
+    small = [scene(32, 32, s) for s in range(4)]
+    big = scene(64, 64, 99)
+    wrapped = _OutOfMemoryAbove(model, max_pixels=2 * 32 * 32)
+    oom = Predictor(wrapped, mean=MEAN, std=STD, batch_size=4)
+    preds = oom.predict(small + [big])
+    assert wrapped.calls[:3] == [4, 2, 2]  # split in halves, then fits
+    for img, p in zip(small, preds[:4]):
+        np.testing.assert_array_equal(p.mask, predictor.predict([img])[0].mask)
+    assert preds[4].mask is None
+    assert preds[4].error.startswith("out of memory labelling a 64x64 image (needs about ")
+    assert preds[4].error.endswith("MiB on cpu); lower --max-side")

@@ -1,0 +1,163 @@
+"""`drn-label run` end to end on a real local Ray: mixed images in, Parquet out."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import drn
+from pipeline.cli import cli
+from pipeline.output import SCHEMA, METADATA_KEY, class_fraction_of, data_files, decode_mask
+from tests.imagegen import make_collection
+from tests.modelkit import authors_checkpoint
+
+CITYSCAPES = drn.get_preset("cityscapes")
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, ray_session, cli_runner_module):
+    root = tmp_path_factory.mktemp("e2e")
+    cases = make_collection(root / "in")
+    ckpt = authors_checkpoint(root / "drn_d_22_seg.pth", num_classes=19)
+    out = root / "out"
+    # The exact call the README documents, with small files so that several are written.
+    result = cli_runner_module.invoke(cli, [
+        "run", str(root / "in"), str(out), "--model", "drn_d_22", "--weights", str(ckpt),
+        "--classes", "cityscapes", "--batch-size", "4", "--rows-per-file", "10"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(data_files(str(out)), schema=SCHEMA)
+    return cases, ckpt, out, table, result
+
+
+@pytest.fixture(scope="module")
+def cli_runner_module():
+    from click.testing import CliRunner
+
+    return CliRunner()
+
+
+def test_one_row_per_input_with_status(labelled):
+    cases, _, _, table, result = labelled
+    assert len(cases) >= 30 + 4
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    assert len(rows) == table.num_rows == len(cases)
+    for image_id, case in cases.items():
+        row = rows[image_id]
+        if case.ok:
+            assert row["status"] == "ok", (image_id, row["error"])
+            assert row["error"] is None
+        else:
+            assert row["status"] == "error"
+            assert "\n" not in row["error"]
+            assert row["error"].startswith(str(case.path)), row["error"]
+            assert row["mask"] is None and row["class_scores"] is None
+    n_ok = sum(c.ok for c in cases.values())
+    assert f"finished: {n_ok} ok, {len(cases) - n_ok} errors" in result.output
+
+
+def test_rows_keep_the_output_contract(labelled):
+    cases, ckpt, _, table, _ = labelled
+    assert table.schema.remove_metadata().equals(SCHEMA)
+    sha = drn.load_checkpoint(str(ckpt)).sha256
+    for row in table.to_pylist():
+        assert row["model"] == "drn_d_22" and row["weights_sha256"] == sha
+        assert row["labelled_at"] is not None and row["run_id"]
+        case = cases[row["image_id"]]
+        if not case.ok:
+            continue
+        mask = decode_mask(row["mask"])
+        assert mask.dtype == np.uint8 and mask.ndim == 2
+        assert mask.shape == case.size == (row["height"], row["width"])
+        assert mask.max() < 19
+        np.testing.assert_allclose(row["class_fraction"], class_fraction_of(mask, 19), atol=1e-6)
+        assert abs(sum(row["class_scores"]) - 1) < 1e-4 and len(row["class_scores"]) == 19
+        assert 0 < row["confidence"] <= 1
+
+
+def test_file_metadata_and_layout(labelled):
+    _, _, out, _, _ = labelled
+    files = data_files(str(out))
+    assert len(files) >= 3, "rows_per_file=10 over 40+ rows gives several files"
+    for f in files:
+        meta = json.loads(pq.read_schema(f).metadata[METADATA_KEY])
+        assert meta["schema_version"] == 1 and meta["model"] == "drn_d_22"
+        assert meta["classes"] == list(CITYSCAPES.class_names)
+        assert meta["palette"] == [list(c) for c in CITYSCAPES.palette]
+        assert meta["mean"] == list(CITYSCAPES.mean) and meta["std"] == list(CITYSCAPES.std)
+        assert meta["num_classes"] == 19 and meta["ignore_index"] == 255
+    for p in out.rglob("*"):
+        rel = p.relative_to(out)
+        if not p.name.endswith(".parquet"):
+            assert rel.parts[0].startswith("_"), f"non-data file without a leading _: {rel}"
+    runs = list((out / "_runs").glob("*.json"))
+    assert len(runs) == 1
+    record = json.loads(runs[0].read_text())
+    assert record["state"] == "finished" and record["counts"]["to_label"] == len(list(_inputs(labelled)))
+    progress = json.loads((out / "_progress.json").read_text())
+    assert progress["state"] == "finished" and progress["labelled"] == progress["total"]
+
+
+def _inputs(labelled):
+    return labelled[0].values()
+
+
+def test_duckdb_reads_the_output(labelled):
+    duckdb = pytest.importorskip("duckdb", reason="duckdb is in the test extra")
+    cases, _, out, _, _ = labelled
+    con = duckdb.connect()
+    n, n_ok, top_road = con.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE status = 'ok'), "
+        f"max(class_fraction[1]) FROM read_parquet('{out}/**/*.parquet')").fetchone()
+    assert n == len(cases) and n_ok == sum(c.ok for c in cases.values())
+    assert 0 <= top_road <= 1
+
+
+def test_masks_equal_the_models_own_argmax(labelled):
+    """No shift, flip, transpose or channel swap between the file and the model."""
+    cases, ckpt, _, table, _ = labelled
+    model = drn.create_model("drn_d_22", weights=str(ckpt), classes="cityscapes")
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    mean = torch.tensor(CITYSCAPES.mean).view(1, 3, 1, 1)
+    std = torch.tensor(CITYSCAPES.std).view(1, 3, 1, 1)
+    checked = 0
+    for case in cases.values():
+        if not (case.ok and case.lossless) or max(case.size) > 300 or min(case.size) < 32:
+            continue
+        x = torch.from_numpy(case.rgb).permute(2, 0, 1).float().unsqueeze(0) / 255.0
+        with torch.no_grad():
+            expected = model((x - mean) / std).argmax(1)[0].numpy()
+        mask = decode_mask(rows[case.image_id]["mask"])
+        assert len(np.unique(expected)) >= 2, "weights must make masks follow content"
+        np.testing.assert_array_equal(mask, expected, err_msg=case.image_id)
+        checked += 1
+        if checked == 6:
+            break
+    assert checked >= 4
+
+
+def test_status_and_inspect_commands(labelled, cli_runner):
+    cases, _, out, _, _ = labelled
+    res = cli_runner.invoke(cli, ["status", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["state"] == "finished"
+    res = cli_runner.invoke(cli, ["inspect", str(out)])
+    assert res.exit_code == 0, res.output
+    n_ok = sum(c.ok for c in cases.values())
+    assert res.output.startswith(f"{out}: {len(cases)} rows, {n_ok} ok, {len(cases) - n_ok} errors")
+    assert "mean class fraction, drn_d_22" in res.output
+    assert "not a decodable image (0 bytes)" in res.output
+
+
+def test_rerun_labels_nothing_new(labelled, cli_runner):
+    cases, ckpt, out, _, _ = labelled
+    in_dir = Path(next(iter(cases.values())).path).parent
+    while not (in_dir / "..").resolve().name == "e2e" and in_dir.name != "in":
+        in_dir = in_dir.parent
+    res = cli_runner.invoke(cli, ["run", str(in_dir), str(out), "--weights", str(ckpt),
+                                  "--classes", "cityscapes"])
+    assert res.exit_code == 0, res.output
+    assert f"0 ok, 0 errors, {len(cases)} already labelled" in res.output
