@@ -175,6 +175,22 @@ def inspect(output: str, as_json: bool) -> None:
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+# -- commands defined beside the code they drive (one line each) ----------------------------
+# (each module defines click commands and keeps Ray imports inside their bodies)
+from pipeline import jobs_cli, schedule as schedule_module  # noqa: E402
+
+jobs_cli.register(cli)  # submit, logs, stop, list
+cli.add_command(schedule_module.schedule)
+from pipeline.export import export_command  # noqa: E402
+from pipeline.report import report_command  # noqa: E402
+
+cli.add_command(export_command)
+cli.add_command(report_command)
+from pipeline.bench import bench  # noqa: E402
+
+cli.add_command(bench)
+
+
 def main() -> None:
     cli(prog_name="drn-label")
 

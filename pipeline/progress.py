@@ -35,6 +35,8 @@ class Progress:
     committed_ok: int = 0
     committed_errors: int = 0
     images_per_s: float = 0.0
+    # steady state: images after the first batch / time from the first to the last batch
+    steady_images_per_s: float | None = None
     eta_s: float | None = None
     started_at: str = field(default_factory=utc_now)
     updated_at: str = field(default_factory=utc_now)
@@ -51,12 +53,14 @@ class ProgressCounter:
         self.labelled_ok = self.labelled_errors = 0
         self.committed_ok = self.committed_errors = 0
         self.first_t: float | None = None
+        self.first_n = 0  # images in the first report (labelled before first_t)
         self.last_t: float | None = None
 
     def add_labelled(self, ok: int, errors: int, t: float) -> None:
         self.labelled_ok += ok
         self.labelled_errors += errors
-        self.first_t = t if self.first_t is None else min(self.first_t, t)
+        if self.first_t is None or t < self.first_t:
+            self.first_t, self.first_n = t, ok + errors
         self.last_t = t if self.last_t is None else max(self.last_t, t)
 
     def add_committed(self, ok: int, errors: int) -> None:
@@ -66,7 +70,7 @@ class ProgressCounter:
     def snapshot(self) -> dict:
         return dict(labelled_ok=self.labelled_ok, labelled_errors=self.labelled_errors,
                     committed_ok=self.committed_ok, committed_errors=self.committed_errors,
-                    first_t=self.first_t, last_t=self.last_t)
+                    first_t=self.first_t, first_n=self.first_n, last_t=self.last_t)
 
 
 def start_counter_actor(name: str):
@@ -125,6 +129,9 @@ class ProgressReporter:
                     # rate since the first image came out of the model (start-up excluded)
                     span = max(time.time() - snap["first_t"], 1e-3)
                     p.images_per_s = round(p.labelled / span, 3)
+                if snap["first_t"] and snap["last_t"] and snap["last_t"] > snap["first_t"]:
+                    p.steady_images_per_s = round(
+                        (p.labelled - snap["first_n"]) / (snap["last_t"] - snap["first_t"]), 3)
         p.elapsed_s = round(time.time() - self._t0, 2)
         if p.images_per_s > 0:
             p.eta_s = round(max(p.total - p.labelled, 0) / p.images_per_s, 1)

@@ -1,0 +1,298 @@
+"""`drn-label bench`: the pipeline against its ceiling, measured in one run.
+
+On the same generated images it measures
+  (a) the bare model: forward passes on tensors already decoded and on the device, the
+      ceiling (arg-max included, nothing else);
+  (b) the full pipeline: `drn-label run` in a fresh process, encoded files to committed
+      Parquet, with its own embedded Ray (start-up included in the wall time);
+  (c) a naive single-process loop: read, decode, model, PNG, write, one image at a time;
+and prints images/s for each, the ratios b/a and b/c, the pipeline's wall time with and
+without start-up, and the peak memory of the driver and of each kind of Ray worker.
+`--png-levels` adds bytes and encode time per mask for each PNG compression level.
+`--memory-sizes 1000,5000` runs the pipeline at those image counts and compares peaks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+# -- inputs ---------------------------------------------------------------------------------
+def make_images(root: Path, count: int, size: int, *, fmt: str = "jpg", seed: int = 0) -> list[Path]:
+    """`count` synthetic scenes of size x size as JPEG (or PNG) files; cached by name."""
+    import cv2
+
+    from pipeline.synth import render_sample
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = root / f"{i:06d}.{fmt}"
+        if not path.exists():
+            rgb, _ = render_sample(i % 997, size=size, seed=seed)
+            cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                        [cv2.IMWRITE_JPEG_QUALITY, 90] if fmt == "jpg" else [])
+        paths.append(path)
+    return paths
+
+
+# -- memory sampling ------------------------------------------------------------------------
+@dataclass
+class MemorySampler:
+    """Peak RSS of a process tree and of Ray's worker processes, sampled every 0.2 s."""
+
+    root_pid: int | None = None
+    interval: float = 0.2
+    peaks: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _kind(self, proc) -> str | None:
+        try:
+            title = " ".join(proc.cmdline())
+        except Exception:  # noqa: BLE001 - processes come and go
+            return None
+        if proc.pid == self.root_pid:
+            return "driver"
+        if "ray::" in title:
+            name = title.split("ray::", 1)[1].split()[0]
+            if "PredictActor" in name:
+                return "predict actor"
+            if "decode_batch" in name:
+                return "decode task"
+            if "encode_batch" in name or "Write" in name:
+                return "encode+write task"
+            if name.startswith("IDLE"):
+                return None
+            return "other ray worker"
+        for daemon in ("raylet", "gcs_server"):
+            if daemon in title:
+                return daemon
+        return None
+
+    def _loop(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.interval):
+            for proc in psutil.process_iter():
+                kind = self._kind(proc)
+                if kind is None:
+                    continue
+                try:
+                    rss = proc.memory_info().rss
+                except Exception:  # noqa: BLE001
+                    continue
+                self.peaks[kind] = max(self.peaks[kind], rss)
+
+    def start(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return dict(self.peaks)
+
+
+# -- (a) the bare model ---------------------------------------------------------------------
+def bench_model(arch: str, num_classes: int, images: list[np.ndarray], batch_size: int,
+                device: str, precision: str = "fp32") -> float:
+    """Images/s of forward + arg-max on tensors already normalised and on the device."""
+    import torch
+
+    import drn
+    from drn.predictor import Predictor
+
+    model = drn.create_model(arch, num_classes=num_classes)
+    predictor = Predictor.from_model(model, device=device, precision=precision, batch_size=batch_size)
+    batches = [torch.from_numpy(np.stack(images[i:i + batch_size]))
+               for i in range(0, len(images), batch_size)]
+    tensors = [predictor.normalise(b) for b in batches]
+    with torch.inference_mode(), predictor._autocast():
+        predictor.model(tensors[0]).argmax(1)  # warm-up
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for x in tensors:
+            predictor.model(x).argmax(1)
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize()
+    return len(images) / (time.perf_counter() - t0)
+
+
+# -- (c) the naive loop ---------------------------------------------------------------------
+def bench_naive(arch: str, num_classes: int, files: list[Path], out: Path, device: str) -> float:
+    """What a user would write first: one image at a time, in one process."""
+    import cv2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    import drn
+
+    model = drn.create_model(arch, num_classes=num_classes).to(device)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    t0 = time.perf_counter()
+    rows = []
+    for path in files:
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        x = torch.from_numpy(rgb).to(device).permute(2, 0, 1).unsqueeze(0).float() / 255
+        with torch.inference_mode():
+            probs = torch.softmax(model((x - mean) / std), 1)[0]
+        mask = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        ok, png = cv2.imencode(".png", mask)
+        rows.append({"image_id": path.name, "mask": png.tobytes(),
+                     "class_scores": probs.mean((1, 2)).cpu().tolist()})
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return len(files) / (time.perf_counter() - t0)
+
+
+# -- (b) the pipeline -----------------------------------------------------------------------
+@dataclass
+class PipelineFigures:
+    images: int
+    wall_s: float  # process start to exit: Ray start-up, model load, labelling, commit
+    label_s: float  # from the first image read to the last file committed
+    steady_images_per_s: float
+    startup_s: float
+    peaks: dict[str, int]
+
+
+def bench_pipeline(input_dir: Path, output: Path, *, arch: str, num_classes: int,
+                   batch_size: int, extra: list[str] = ()) -> PipelineFigures:
+    """`drn-label run` in a fresh process (its own embedded Ray), sampled for memory."""
+    if output.exists():
+        shutil.rmtree(output)
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(input_dir), str(output),
+           "--model", arch, "--num-classes", str(num_classes), "--batch-size", str(batch_size),
+           "--rows-per-file", "500", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = MemorySampler(root_pid=proc.pid).start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    peaks = sampler.stop()
+    if proc.returncode != 0:
+        raise click.ClickException(f"pipeline run failed ({proc.returncode}):\n{stderr[-3000:]}")
+    record = json.loads(next((output / "_runs").glob("*.json")).read_text())
+    progress = json.loads((output / "_progress.json").read_text())
+    return PipelineFigures(images=record["counts"]["ok"] + record["counts"]["errors"], wall_s=wall,
+                           label_s=record["timings"]["label_s"],
+                           steady_images_per_s=progress.get("steady_images_per_s") or 0.0,
+                           startup_s=record["timings"]["startup_s"], peaks=peaks)
+
+
+# -- PNG levels -----------------------------------------------------------------------------
+def bench_png_levels(masks: list[np.ndarray], levels=range(0, 10)) -> list[tuple[int, float, float]]:
+    import cv2
+
+    rows = []
+    for level in levels:
+        t0 = time.perf_counter()
+        sizes = [len(cv2.imencode(".png", m, [cv2.IMWRITE_PNG_COMPRESSION, level])[1]) for m in masks]
+        rows.append((level, float(np.mean(sizes)), (time.perf_counter() - t0) / len(masks) * 1e3))
+    return rows
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+@click.command()
+@click.option("--images", "count", type=click.IntRange(min=8), default=300, show_default=True)
+@click.option("--size", type=click.IntRange(min=16), default=512, show_default=True)
+@click.option("--model", "arch", default="drn_d_22", show_default=True)
+@click.option("--num-classes", type=click.IntRange(min=2), default=19, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where images and outputs go [default: a temporary directory].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--skip-naive", is_flag=True, help="Leave out (c), the naive loop.")
+@click.option("--png-levels", is_flag=True, help="Also measure bytes and time per mask per PNG level.")
+@click.option("--memory-sizes", default=None,
+              help="Comma-separated image counts (e.g. 1000,5000): pipeline peak memory at each.")
+@click.option("--run-arg", "run_args", multiple=True, help="Extra option for `drn-label run` (repeatable).")
+def bench(count, size, arch, num_classes, batch_size, workdir, device, skip_naive, png_levels,
+          memory_sizes, run_args) -> None:
+    """Measure the bare model, the full pipeline and a naive loop on the same images."""
+    import cv2
+    import torch
+
+    from drn.predictor import pick_device
+
+    dev = str(pick_device(device))
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="drn-label-bench-")
+        workdir = Path(tmp.name)
+    img_dir = workdir / f"images-{size}-{count}"
+    click.echo(f"machine: {os.cpu_count()} CPUs, device {dev}, torch {torch.__version__} "
+               f"({torch.get_num_threads()} threads); {count} images {size}x{size} JPEG; "
+               f"{arch}, {num_classes} classes, batch {batch_size}")
+    files = make_images(img_dir, count, size)
+
+    fig = bench_pipeline(img_dir, workdir / "out-pipeline", arch=arch, num_classes=num_classes,
+                         batch_size=batch_size, extra=list(run_args))
+    rgb = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in files]
+    model_ips = bench_model(arch, num_classes, rgb, batch_size, dev)
+    naive_ips = None if skip_naive else bench_naive(arch, num_classes, files,
+                                                     workdir / "naive.parquet", dev)
+    wall_ips = fig.images / fig.wall_s
+    click.echo(f"(a) bare model            {model_ips:8.2f} images/s")
+    click.echo(f"(b) pipeline steady state {fig.steady_images_per_s:8.2f} images/s   b/a = "
+               f"{fig.steady_images_per_s / model_ips:.3f}")
+    click.echo(f"    pipeline incl. start-up {wall_ips:7.2f} images/s   (wall {fig.wall_s:.1f}s, "
+               f"of which start-up {fig.startup_s:.1f}s; labelling {fig.label_s:.1f}s)   "
+               f"wall/a = {wall_ips / model_ips:.3f}")
+    if naive_ips is not None:
+        click.echo(f"(c) naive loop            {naive_ips:8.2f} images/s   b/c = "
+                   f"{fig.steady_images_per_s / naive_ips:.3f}   (b incl. start-up)/c = "
+                   f"{wall_ips / naive_ips:.3f}")
+    click.echo("peak memory (RSS): " + ", ".join(f"{k} {_mib(v)}" for k, v in sorted(fig.peaks.items())))
+
+    if png_levels:
+        import pyarrow.parquet as pq
+
+        from pipeline.output import data_files, decode_mask
+
+        table = pq.read_table(data_files(str(workdir / "out-pipeline")), columns=["mask"])
+        masks = [decode_mask(m) for m in table.column("mask").to_pylist()[:200] if m]
+        click.echo("PNG level  bytes/mask  encode ms/mask")
+        for level, nbytes, ms in bench_png_levels(masks):
+            click.echo(f"{level:>9}  {nbytes:>10,.0f}  {ms:>14.3f}")
+
+    if memory_sizes:
+        sizes = [int(s) for s in memory_sizes.split(",")]
+        totals = []
+        for n in sizes:
+            d = workdir / f"images-64-{n}"
+            make_images(d, n, 64, fmt="png")
+            f = bench_pipeline(d, workdir / f"out-mem-{n}", arch=arch, num_classes=num_classes,
+                               batch_size=batch_size, extra=list(run_args))
+            total = sum(f.peaks.values())
+            totals.append(total)
+            click.echo(f"memory, {n} images 64x64: wall {f.wall_s:.1f}s; peaks " +
+                       ", ".join(f"{k} {_mib(v)}" for k, v in sorted(f.peaks.items())) +
+                       f"; sum of peaks {_mib(total)}")
+        if len(totals) > 1:
+            click.echo(f"peak memory ratio {sizes[-1]} vs {sizes[0]} images: {totals[-1] / totals[0]:.3f}")
+    if tmp is not None:
+        tmp.cleanup()
