@@ -9,6 +9,12 @@ Plain PyTorch (no Ray, no I/O), so it runs and is benchmarked on a GPU machine a
   mask (uint8, or uint16 above 256 classes) and C floats per image come back.
 - Out of memory: the batch is split in halves and retried; an image that alone does not
   fit becomes a failed `Prediction` naming the memory it needed.
+- Collections where nearly every image has its own size (web crawls) batch poorly by
+  exact size. ``size_bucket=B`` pads each image (after normalisation, with zeros, as the
+  model's own pad to a multiple of 8 does) up to the next multiple of B and batches
+  images of the same padded shape. The padding depends only on the image's own size, so
+  masks still do not depend on batch neighbours; they can differ from exact-size
+  inference near the bottom and right edges (docs/benchmarks.md measures by how much).
 """
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ class Predictor:
         precision: str = "fp32",
         channels_last: bool | None = None,
         batch_size: int = 4,
+        size_bucket: int | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -74,6 +81,9 @@ class Predictor:
             raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         self.precision = precision
         self.batch_size = max(1, int(batch_size))
+        if size_bucket is not None and size_bucket < 8:
+            raise ValueError(f"size_bucket must be at least 8 pixels, got {size_bucket}")
+        self.size_bucket = size_bucket
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         model = model.eval().to(self.device)
         if self.channels_last:
@@ -110,15 +120,47 @@ class Predictor:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _bucket(self, h: int, w: int) -> tuple[int, int]:
+        if not self.size_bucket:
+            return h, w
+        b = self.size_bucket
+        return -(-h // b) * b, -(-w // b) * b
+
     @torch.inference_mode()
     def _forward_same_size(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        sizes = {img.shape[:2] for img in images}
+        if len(sizes) > 1:  # one size bucket, several sizes: pad each, label, crop back
+            return self._forward_padded(images)
         host = torch.from_numpy(np.stack(images))
         if self.device.type == "cuda":
             host = host.pin_memory()
         x = self.normalise(host)
+        bh, bw = self._bucket(*x.shape[2:])
+        h, w = x.shape[2:]
+        if (bh, bw) != (h, w):
+            x = torch.nn.functional.pad(x, (0, bw - w, 0, bh - h))
         with self._autocast():
             logits = self.model(x)
-        logits = logits.float()
+        logits = logits[:, :, :h, :w].float()
+        return self._statistics(logits)
+
+    @torch.inference_mode()
+    def _forward_padded(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        bh, bw = self._bucket(*images[0].shape[:2])
+        parts = []
+        for img in images:
+            x = self.normalise(torch.from_numpy(np.ascontiguousarray(img)).unsqueeze(0))
+            parts.append(torch.nn.functional.pad(x, (0, bw - x.shape[3], 0, bh - x.shape[2])))
+        with self._autocast():
+            logits = self.model(torch.cat(parts)).float()
+        out: list[Prediction] = []
+        for i, img in enumerate(images):
+            h, w = img.shape[:2]
+            out.extend(self._statistics(logits[i:i + 1, :, :h, :w]))
+        return out
+
+    def _statistics(self, logits: torch.Tensor) -> list[Prediction]:
+        """Softmax statistics and arg-max on the device; only masks and C floats come back."""
         n, c, h, w = logits.shape
         probs = torch.softmax(logits, dim=1)
         class_scores = probs.mean(dim=(2, 3))
@@ -177,7 +219,7 @@ class Predictor:
                 )
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
-            groups.setdefault(img.shape[:2], []).append(i)
+            groups.setdefault(self._bucket(*img.shape[:2]), []).append(i)
         results: list[Prediction | None] = [None] * len(images)
         for idx in groups.values():
             for start in range(0, len(idx), self.batch_size):

@@ -106,3 +106,22 @@ def test_out_of_memory_splits_the_batch_and_reports_what_alone_does_not_fit(mode
     assert preds[4].mask is None
     assert preds[4].error.startswith("out of memory labelling a 64x64 image (needs about ")
     assert preds[4].error.endswith("MiB on cpu); lower --max-side")
+
+
+def test_size_buckets_batch_mixed_sizes_without_neighbour_effects(model, predictor):
+    bucketed = Predictor(model, mean=MEAN, std=STD, batch_size=4, size_bucket=32)
+    target = scene(45, 61, 7)
+    alone = bucketed.predict([target])[0]
+    crowd = bucketed.predict([scene(50, 60, 8), target, scene(33, 40, 9)])
+    np.testing.assert_array_equal(alone.mask, crowd[1].mask)
+    assert crowd[1].mask.shape == (45, 61)
+    hist = np.bincount(alone.mask.ravel(), minlength=5) / alone.mask.size
+    np.testing.assert_allclose(alone.class_fraction, hist, atol=1e-6)
+    # Padding to 64 x 64 instead of 48 x 64 changes labels near the edges only.
+    exact = predictor.predict([target])[0].mask
+    assert (alone.mask == exact).mean() > 0.5
+
+
+def test_size_bucket_must_be_at_least_8(model):
+    with pytest.raises(ValueError, match="size_bucket must be at least 8 pixels, got 4"):
+        Predictor(model, mean=MEAN, std=STD, size_bucket=4)
