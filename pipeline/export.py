@@ -1,0 +1,407 @@
+"""Exports of OUTPUT to what labelling tools import: mask PNGs, COCO JSON, Label Studio tasks.
+
+Every export streams OUTPUT (projected columns, small row batches) and writes as it reads,
+so memory stays bounded by one Parquet row group plus one batch of decoded masks, whatever
+the number of rows. JSON files are written under a temporary name and renamed when whole.
+
+Formats:
+- ``png``: one PNG per image, named after the image id (``a/b.jpg`` -> ``a/b.png``): class
+  ids (one channel, 8- or 16-bit, as in OUTPUT) or, with ``colour``, RGB in the palette.
+- ``coco``: one COCO JSON; categories are the class names with ``id = class index + 1``
+  (COCO keeps 0 for "no category"); one annotation per class present per image, its
+  ``segmentation`` a compressed RLE made by ``pycocotools.mask.encode`` (``counts`` as a
+  string), ``area`` and ``bbox`` from pycocotools, ``iscrowd`` 0 (as COCO-Stuff does).
+- ``label-studio``: a JSON list of tasks, each with one prediction whose results are
+  ``brushlabels`` regions, one per class present, in Label Studio's brush RLE (see
+  `brush_rle`); a labelling config (``<out stem>_config.xml``) is written beside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+import click
+import numpy as np
+import pyarrow.compute as pc
+
+from pipeline.output import SCHEMA, OutputMetadata, data_files, decode_mask, read_metadata
+
+FORMATS = ("png", "coco", "label-studio")
+BATCH_ROWS = 64
+"""Rows decoded at a time: a few dozen masks, whatever their size."""
+
+
+class ExportError(ValueError):
+    """OUTPUT or the export's target cannot be used; the message names it and the fix."""
+
+
+# -- which rows ------------------------------------------------------------------------------
+def select_identity(output: str, *, model: str | None = None,
+                    weights_sha256: str | None = None) -> OutputMetadata:
+    """The one model identity (model, weights_sha256) of OUTPUT to read.
+
+    OUTPUT may hold rows of several identities (one per model and checkpoint); `model`
+    and a `weights_sha256` prefix choose among them. Raises ExportError when none or more
+    than one matches, listing what OUTPUT holds.
+    """
+    metas = {(m.model, m.weights_sha256): m for m in read_metadata(output)}
+    if not metas:
+        raise ExportError(f"{output}: no labelled rows (no Parquet data files); run `drn-label run` first")
+    chosen = [m for m in metas.values()
+              if (model is None or m.model == model)
+              and (weights_sha256 is None or m.weights_sha256.startswith(weights_sha256))]
+    held = ", ".join(f"{m.model} (weights {m.weights_sha256[:12]})" for m in metas.values())
+    if not chosen:
+        raise ExportError(f"{output}: no rows of model {model or 'any'} with weights "
+                          f"{weights_sha256 or 'any'}; it holds {held}")
+    if len(chosen) > 1:
+        raise ExportError(f"{output} holds rows of several models: {held}; choose one with "
+                          "--model and/or --weights-sha256")
+    return chosen[0]
+
+
+def identity_filter(meta: OutputMetadata) -> pc.Expression:
+    return (pc.field("model") == meta.model) & (pc.field("weights_sha256") == meta.weights_sha256)
+
+
+def iter_batches(output: str, meta: OutputMetadata, columns: Sequence[str], *,
+                 where: pc.Expression | None = None, batch_size: int = BATCH_ROWS):
+    """Record batches of OUTPUT's rows of `meta`'s identity: projected, streamed, one batch
+    read ahead at most. Files are scanned one at a time, each as its own dataset, so that
+    no file's Parquet metadata outlives its scan (memory does not grow with OUTPUT)."""
+    import pyarrow.dataset as ds
+
+    from pipeline.sources import resolve
+
+    fs, _ = resolve(output)
+    flt = identity_filter(meta) if where is None else identity_filter(meta) & where
+    for path in data_files(output):
+        dataset = ds.dataset(path, filesystem=fs, format="parquet", schema=SCHEMA)
+        yield from dataset.to_batches(columns=list(columns), filter=flt, batch_size=batch_size,
+                                      batch_readahead=1, fragment_readahead=1)
+
+
+def iter_mask_rows(output: str, meta: OutputMetadata, columns: Sequence[str] = ()) -> Iterator[dict]:
+    """Rows with status ``ok`` of `meta`'s identity, ``mask`` decoded to an H x W array."""
+    wanted = list(dict.fromkeys(["image_id", "uri", "height", "width", "mask", "confidence",
+                                 *columns]))
+    for batch in iter_batches(output, meta, wanted, where=pc.field("status") == "ok"):
+        for row in batch.to_pylist():
+            row["mask"] = decode_mask(row["mask"])
+            yield row
+
+
+def count_errors(output: str, meta: OutputMetadata) -> int:
+    n = 0
+    for batch in iter_batches(output, meta, ["status"], where=pc.field("status") != "ok",
+                              batch_size=65536):
+        n += batch.num_rows
+    return n
+
+
+# -- shared pieces ---------------------------------------------------------------------------
+def palette_lut(meta: OutputMetadata, dtype: np.dtype = np.dtype(np.uint8)) -> np.ndarray:
+    """RGB colour of every possible mask value (ids without a palette entry are black)."""
+    size = 256 if np.dtype(dtype) == np.uint8 else 65536
+    lut = np.zeros((size, 3), np.uint8)
+    palette = np.asarray(meta.palette, np.uint8).reshape(-1, 3)[:size]
+    lut[: len(palette)] = palette
+    return lut
+
+
+def colourise(mask: np.ndarray, meta: OutputMetadata) -> np.ndarray:
+    """H x W x 3 RGB picture of a class-id mask in the output's palette."""
+    return palette_lut(meta, mask.dtype)[mask]
+
+
+def classes_present(mask: np.ndarray, num_classes: int) -> list[int]:
+    """Class ids that occur in `mask`, ascending (values >= num_classes, e.g. 255, skipped)."""
+    counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
+    return np.flatnonzero(counts).tolist()
+
+
+def mask_png_name(image_id: str, *, keep_extension: bool = False) -> str:
+    """Relative PNG path for an image id: subfolders kept, the extension replaced by .png
+    (``a/b.jpg`` -> ``a/b.png``; with `keep_extension`, ``a/b.jpg.png``). Never leaves the
+    export folder: empty, ``.`` and ``..`` parts of ids taken from manifests are dropped
+    or renamed."""
+    parts = [p for p in image_id.replace("\\", "/").split("/") if p not in ("", ".")]
+    parts = ["__" if p == ".." else p for p in parts] or ["image"]
+    stem, dot, _ = parts[-1].rpartition(".")
+    if not keep_extension and dot and stem:
+        parts[-1] = stem
+    return "/".join(parts) + ".png"
+
+
+class AtomicTextFile:
+    """A text file written under a temporary name in the same folder, renamed when closed
+    without an exception (readers never see half a JSON file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __enter__(self) -> IO[str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        self.file = os.fdopen(fd, "w", encoding="utf-8")
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.file.close()
+        if exc_type is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    format: str
+    out: str
+    images: int
+    annotations: int
+    skipped_errors: int
+
+    def summary(self) -> str:
+        what = f"{self.images} images" + (f", {self.annotations} annotations" if self.annotations else "")
+        skipped = f" ({self.skipped_errors} error rows skipped)" if self.skipped_errors else ""
+        return f"exported {what} as {self.format} to {self.out}{skipped}"
+
+
+# -- png -------------------------------------------------------------------------------------
+def export_png(output: str, out: Path, meta: OutputMetadata, *, colour: bool = False) -> ExportResult:
+    """A folder of mask PNGs named after the image ids. `out` must be new or empty, so that
+    two ids that map to one name (``a.jpg``, ``a.png``) are noticed: the second is written
+    under its full id (``a.png.png``)."""
+    import cv2
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out}: exists and is not an empty folder; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    images = 0
+    for row in iter_mask_rows(output, meta):
+        target = out / mask_png_name(row["image_id"])
+        if target.exists():
+            target = out / mask_png_name(row["image_id"], keep_extension=True)
+        k = 1
+        while target.exists():
+            target = out / f"{mask_png_name(row['image_id'], keep_extension=True)[:-4]}~{k}.png"
+            k += 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mask = row["mask"]
+        pixels = cv2.cvtColor(colourise(mask, meta), cv2.COLOR_RGB2BGR) if colour else mask
+        if not cv2.imwrite(str(target), pixels):
+            raise ExportError(f"{target}: cannot be written")
+        images += 1
+    return ExportResult("png", str(out), images, 0, count_errors(output, meta))
+
+
+# -- coco ------------------------------------------------------------------------------------
+def coco_categories(meta: OutputMetadata) -> list[dict]:
+    return [{"id": i + 1, "name": name, "supercategory": "class"}
+            for i, name in enumerate(meta.classes)]
+
+
+def coco_annotations(mask: np.ndarray, num_classes: int) -> Iterator[tuple[int, dict, int, list[float]]]:
+    """(class id, compressed RLE with str counts, area, bbox [x, y, w, h]) per class present."""
+    from pycocotools import mask as mask_utils
+
+    for class_id in classes_present(mask, num_classes):
+        rle = mask_utils.encode(np.asfortranarray(mask == class_id, dtype=np.uint8))
+        area = int(mask_utils.area(rle))
+        bbox = [float(v) for v in mask_utils.toBbox(rle)]
+        rle["counts"] = rle["counts"].decode("ascii")
+        yield class_id, rle, area, bbox
+
+
+def export_coco(output: str, out: Path, meta: OutputMetadata) -> ExportResult:
+    """One COCO JSON. Annotations are written as rows stream in; the image entries, a few
+    dozen bytes each, wait in a spooled temporary file and are appended at the end."""
+    from datetime import datetime, timezone
+
+    images = annotations = 0
+    info = {"description": f"drn-label pre-labels: {meta.model} (weights {meta.weights_sha256[:12]})",
+            "version": str(meta.schema_version),
+            "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with AtomicTextFile(out) as f, tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+") as image_list:
+        f.write('{"info": ' + json.dumps(info) + ', "licenses": [], "categories": '
+                + json.dumps(coco_categories(meta)) + ',\n"annotations": [')
+        for row in iter_mask_rows(output, meta):
+            images += 1
+            mask = row["mask"]
+            height, width = mask.shape
+            image_list.write(("," if images > 1 else "") + "\n" + json.dumps(
+                {"id": images, "file_name": row["image_id"], "height": height, "width": width}))
+            for class_id, rle, area, bbox in coco_annotations(mask, meta.num_classes):
+                annotations += 1
+                f.write(("," if annotations > 1 else "") + "\n" + json.dumps(
+                    {"id": annotations, "image_id": images, "category_id": class_id + 1,
+                     "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0}))
+        f.write('\n],\n"images": [')
+        image_list.seek(0)
+        while chunk := image_list.read(1 << 20):
+            f.write(chunk)
+        f.write("\n]}\n")
+    return ExportResult("coco", str(out), images, annotations, count_errors(output, meta))
+
+
+# -- label studio ----------------------------------------------------------------------------
+# Label Studio's brush RLE (the thi.ng rle-pack bit stream its editor decodes), MSB first:
+# 32 bits: number of values (H * W * 4: RGBA, row-major); 5 bits: word size - 1; 4 x 4 bits:
+# the four run-length field sizes - 1; then runs, each 1 bit (1 = one value repeated, 0 =
+# literal values), 2 bits choosing the length field, that field holding length - 1, and the
+# value(s) in word-size bits; zero bits pad the last byte. Every pixel is 4 equal values (0,
+# or 255 inside the region; the editor reads the alpha channel), so runs are >= 4 long and
+# all are repeats. Field sizes 3, 4, 8, 16 bits (runs <= 8, 16, 256, 65536 values); longer
+# runs are split.
+_WORD_BITS = 8
+_LENGTH_BITS = np.array([3, 4, 8, 16], np.int64)
+_LENGTH_LIMITS = 1 << _LENGTH_BITS
+
+
+def brush_rle(region: np.ndarray) -> list[int]:
+    """Label Studio brush RLE bytes (``value.rle``) of a boolean H x W region."""
+    flat = np.ascontiguousarray(region, dtype=bool).ravel()
+    n = flat.size
+    if 4 * n >= 1 << 32:
+        raise ValueError(f"region of {n} pixels is too large for Label Studio's brush RLE")
+    starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1]) if n else np.zeros(0, np.int64)
+    lengths = np.diff(np.concatenate([starts, [n]])).astype(np.int64) * 4
+    values = np.where(flat[starts], 255, 0).astype(np.int64)
+    # Split runs longer than the widest length field into full pieces plus a remainder.
+    pieces = -(-lengths // _LENGTH_LIMITS[-1])
+    values = np.repeat(values, pieces)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    index_in_run = np.arange(pieces.sum()) - first
+    remaining = np.repeat(lengths, pieces) - index_in_run * _LENGTH_LIMITS[-1]
+    lengths = np.minimum(remaining, _LENGTH_LIMITS[-1])
+    choice = np.searchsorted(_LENGTH_LIMITS, lengths)  # smallest field that holds length - 1
+    length_bits = _LENGTH_BITS[choice]
+    # One integer per run: repeat flag, field choice, length - 1, value (<= 27 bits).
+    records = (((1 << 2 | choice) << length_bits | (lengths - 1)) << _WORD_BITS) | values
+    widths = 3 + length_bits + _WORD_BITS
+    header_values = np.array([4 * n, _WORD_BITS - 1, *(_LENGTH_BITS - 1)], np.int64)
+    header_widths = np.array([32, 5, 4, 4, 4, 4], np.int64)
+    bits = [_bits(header_values, header_widths)]
+    step = 1 << 16  # bound the temporary arrays for very fragmented masks
+    for i in range(0, len(records), step):
+        bits.append(_bits(records[i:i + step], widths[i:i + step]))
+    return np.packbits(np.concatenate(bits)).tolist()
+
+
+def _bits(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Concatenate each value's `width` low bits, most significant first (uint8 0/1)."""
+    total = int(widths.sum())
+    field = np.repeat(np.arange(len(values)), widths)
+    offset = np.arange(total) - np.repeat(np.cumsum(widths) - widths, widths)
+    shift = widths[field] - 1 - offset
+    return ((values[field] >> shift) & 1).astype(np.uint8)
+
+
+def label_studio_config(meta: OutputMetadata, *, from_name: str = "tag", to_name: str = "image") -> str:
+    """The labelling config that the tasks' results refer to (BrushLabels over an Image)."""
+    labels = "\n".join(
+        f'    <Label value="{escape(name)}" background="#{r:02x}{g:02x}{b:02x}"/>'
+        for name, (r, g, b) in zip(meta.classes, meta.palette))
+    return (f'<View>\n  <Image name="{escape(to_name)}" value="$image" zoom="true"/>\n'
+            f'  <BrushLabels name="{escape(from_name)}" toName="{escape(to_name)}">\n{labels}\n'
+            "  </BrushLabels>\n</View>\n")
+
+
+def label_studio_task(row: dict, meta: OutputMetadata, *, from_name: str, to_name: str,
+                      url_prefix: str | None) -> dict:
+    mask = row["mask"]
+    height, width = mask.shape
+    results = [
+        {"id": f"{row['image_id']}#{class_id}", "type": "brushlabels",
+         "from_name": from_name, "to_name": to_name,
+         "original_width": width, "original_height": height, "image_rotation": 0,
+         "value": {"format": "rle", "rle": brush_rle(mask == class_id),
+                   "brushlabels": [meta.classes[class_id]]}}
+        for class_id in classes_present(mask, meta.num_classes)]
+    image = url_prefix + row["image_id"] if url_prefix is not None else row["uri"]
+    return {"data": {"image": image, "image_id": row["image_id"]},
+            "predictions": [{"model_version": f"{meta.model}@{meta.weights_sha256[:12]}",
+                             "score": round(float(row["confidence"]), 6), "result": results}]}
+
+
+def export_label_studio(output: str, out: Path, meta: OutputMetadata, *, from_name: str = "tag",
+                        to_name: str = "image", url_prefix: str | None = None) -> ExportResult:
+    """A JSON list of Label Studio tasks with brush-label predictions, written task by task,
+    and the matching labelling config beside it. ``data.image`` is the row's ``uri``, or
+    `url_prefix` + image id (e.g. ``/data/local-files/?d=images/`` for Label Studio's
+    local file serving)."""
+    out = Path(out)
+    images = annotations = 0
+    with AtomicTextFile(out) as f:
+        f.write("[")
+        for row in iter_mask_rows(output, meta):
+            task = label_studio_task(row, meta, from_name=from_name, to_name=to_name,
+                                     url_prefix=url_prefix)
+            f.write(("," if images else "") + "\n" + json.dumps(task, separators=(",", ":")))
+            images += 1
+            annotations += len(task["predictions"][0]["result"])
+        f.write("\n]\n")
+    config_path(out).write_text(label_studio_config(meta, from_name=from_name, to_name=to_name))
+    return ExportResult("label-studio", str(out), images, annotations, count_errors(output, meta))
+
+
+def config_path(out: Path) -> Path:
+    return Path(out).with_name(Path(out).stem + "_config.xml")
+
+
+# -- one entry point ---------------------------------------------------------------------------
+def export(output: str, fmt: str, out: Path, *, colour: bool = False, model: str | None = None,
+           weights_sha256: str | None = None, from_name: str = "tag", to_name: str = "image",
+           url_prefix: str | None = None) -> ExportResult:
+    meta = select_identity(output, model=model, weights_sha256=weights_sha256)
+    if fmt == "png":
+        return export_png(output, out, meta, colour=colour)
+    if colour:
+        raise ExportError("--colour applies to --format png only")
+    if fmt == "coco":
+        return export_coco(output, out, meta)
+    if fmt == "label-studio":
+        return export_label_studio(output, out, meta, from_name=from_name, to_name=to_name,
+                                   url_prefix=url_prefix)
+    raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+@click.command("export")
+@click.argument("output")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
+              help="png: a folder of mask PNGs; coco: one COCO JSON (RLE); label-studio: tasks JSON.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The folder (png) or JSON file (coco, label-studio) to write.")
+@click.option("--colour", "--color", "colour", is_flag=True,
+              help="png: RGB masks in the palette instead of class ids.")
+@click.option("--model", default=None, help="Export this architecture's rows (when OUTPUT holds several).")
+@click.option("--weights-sha256", default=None, help="Export rows of the weights with this sha256 (prefix).")
+@click.option("--from-name", default="tag", show_default=True, help="label-studio: the BrushLabels tag name.")
+@click.option("--to-name", default="image", show_default=True, help="label-studio: the Image tag name.")
+@click.option("--url-prefix", default=None,
+              help="label-studio: data.image = this prefix + image id [default: the row's uri].")
+def export_command(output: str, fmt: str, out: Path, colour: bool, model: str | None,
+                   weights_sha256: str | None, from_name: str, to_name: str,
+                   url_prefix: str | None) -> None:
+    """Export OUTPUT's masks for labelling tools: PNG folder, COCO JSON, or Label Studio tasks.
+
+    Only rows with status ok are exported; reading is streamed, so any size of OUTPUT works.
+    """
+    try:
+        result = export(output, fmt, out, colour=colour, model=model, weights_sha256=weights_sha256,
+                        from_name=from_name, to_name=to_name, url_prefix=url_prefix)
+    except ExportError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(result.summary())
+    if fmt == "label-studio":
+        click.echo(f"labelling config: {config_path(out)}")

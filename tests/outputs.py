@@ -1,0 +1,72 @@
+"""One small real OUTPUT for the report and export tests, made once per test session.
+
+`small_run(request.config, tmp_path_factory)` labels 12 images (10 good in nested folders,
+2 bad files) with `drn-label run` on the session's local Ray and an authors'-layout
+checkpoint, and caches the result in the pytest config's stash, so that every module that
+asks gets the same run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.output import SCHEMA, data_files
+from tests.imagegen import scene
+from tests.modelkit import authors_checkpoint
+
+# (image_id, height, width): nested folders, odd sizes, one larger than a thumbnail.
+GOOD = [
+    ("a.png", 48, 64), ("b.jpg", 61, 97), ("street/c.png", 120, 200),
+    ("street/day/d.png", 37, 53), ("street/day/e.jpg", 96, 96), ("fields/f.png", 64, 40),
+    ("fields/deep/g.png", 29, 41), ("fields/deep/h.jpg", 150, 100), ("big/i.png", 240, 320),
+    ("big/j.png", 80, 300),
+]
+BAD = {"bad/empty.jpg": b"", "bad/not_an_image.png": b"this is not an image\n"}
+
+
+@dataclass(frozen=True)
+class SmallRun:
+    input: Path
+    output: Path
+    checkpoint: Path
+    table: pa.Table          # every row, read back with the output schema
+    good: tuple[str, ...]    # image ids expected ok
+    bad: tuple[str, ...]     # image ids expected error
+
+
+_KEY = pytest.StashKey[SmallRun]()
+
+
+def small_run(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> SmallRun:
+    if _KEY not in config.stash:
+        config.stash[_KEY] = _label(tmp_path_factory.mktemp("small_run"))
+    return config.stash[_KEY]
+
+
+def _label(root: Path) -> SmallRun:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    images = root / "in"
+    for k, (image_id, h, w) in enumerate(GOOD):
+        path = images / image_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rgb = scene(h, w, seed=300 + k)
+        Image.fromarray(rgb).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(rgb).save(path)
+    for image_id, data in BAD.items():
+        (images / image_id).parent.mkdir(parents=True, exist_ok=True)
+        (images / image_id).write_bytes(data)
+    ckpt = authors_checkpoint(root / "drn_d_22_seg.pth", num_classes=19)
+    out = root / "out"
+    result = CliRunner().invoke(cli, [
+        "run", str(images), str(out), "--model", "drn_d_22", "--weights", str(ckpt),
+        "--classes", "cityscapes", "--batch-size", "4", "--rows-per-file", "5"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(data_files(str(out)), schema=SCHEMA).sort_by("image_id")
+    return SmallRun(images, out, ckpt, table, tuple(i for i, _, _ in GOOD), tuple(BAD))
