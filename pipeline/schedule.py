@@ -1,0 +1,487 @@
+"""Render what runs a job spec on a cluster: KubeRay manifests and a `ray up` config.
+
+Every manifest is built from one JobSpec and carries that spec, as TOML, in a ConfigMap
+that the Ray head (RayJob, RayCronJob) or the submitting pod (CronJob) mounts at
+``/etc/drn-label/job.toml``; the command that runs is ``drn-label run --job`` (or
+``submit --job``) on that file. So what runs never drifts from the spec: change the
+spec, render again, apply. The ConfigMap's name carries a hash of the spec, so a
+re-rendered spec never changes under a run that already started.
+
+Kinds (``drn-label schedule --kind``):
+- ``raycronjob``: KubeRay >= 1.6 (feature gate ``RayCronJob``): each tick creates a
+  RayJob that brings up its own GPU cluster, runs the spec, and tears the cluster down.
+- ``rayjob``: one such run now (``kubectl create``), no schedule.
+- ``cronjob``: a plain Kubernetes CronJob whose pod runs ``drn-label submit --wait``
+  against a long-lived RayCluster (older KubeRay, or to share one cluster).
+- ``raycluster``: that long-lived RayCluster (GPU workers scale to zero when idle).
+- ``launcher``: a Ray cluster launcher config for ``ray up`` outside Kubernetes (AWS).
+
+Scheduled runs are incremental because `run` is: each labels only the images without a
+row for the same model identity and records itself in ``OUTPUT/_runs/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline import spec as specmod
+
+__all__ = ["KINDS", "ClusterShape", "cluster_shape", "render", "render_objects", "schedule",
+           "spec_toml"]
+
+KINDS = ("raycronjob", "rayjob", "cronjob", "raycluster", "launcher")
+RAY_VERSION = "2.60.0"  # the Ray the images in deploy/Dockerfile are built on
+SPEC_DIR = "/etc/drn-label"
+SPEC_PATH = f"{SPEC_DIR}/job.toml"
+DASHBOARD_PORT = 8265
+# A run that outlives this is stopped (Kubernetes activeDeadlineSeconds); resumable anyway.
+DEFAULT_DEADLINE_S = 6 * 3600
+# Keep a finished RayJob (and its logs) this long before KubeRay deletes it.
+DEFAULT_TTL_S = 3600
+# Whole-run retries by KubeRay (a fresh cluster each): cheap, since a rerun is incremental.
+DEFAULT_BACKOFF_LIMIT = 2
+
+
+# -- the spec as TOML ----------------------------------------------------------------------
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        # JSON string escapes are valid TOML basic-string escapes; DEL must be escaped too.
+        # "$" and "`" are escaped as well, so the text survives any shell it passes through.
+        text = json.dumps(value, ensure_ascii=False)
+        return text.replace("\x7f", "\\u007f").replace("$", "\\u0024").replace("`", "\\u0060")
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")
+
+
+def spec_toml(spec: specmod.JobSpec, *, header: str | None = None) -> str:
+    """The spec as a TOML job file that `load_spec` reads back to the same spec."""
+    data = spec.to_toml_dict()
+    schedule_table = data.pop("schedule", {})
+    lines = [f"# {line}" if line else "#" for line in (header or "").splitlines()]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in data.items()]
+    if schedule_table:
+        lines += ["", "[schedule]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in schedule_table.items()]
+    return "\n".join(lines) + "\n"
+
+
+# -- sizing -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClusterShape:
+    """The Ray worker nodes a spec needs: `nodes` pods of `cpus`, `memory_gib`, `gpus` each."""
+
+    nodes: int
+    cpus: int
+    memory_gib: int
+    gpus: int
+    actors_per_node: int
+
+
+def cluster_shape(spec: specmod.JobSpec, *, gpus_per_node: int = 1,
+                  node_cpus: int | None = None) -> ClusterShape:
+    """Enough worker nodes for `workers` predict actors, plus room for decode tasks."""
+    decode_room = 2 * spec.decode_cpus
+    if spec.gpus_per_worker > 0:
+        if spec.gpus_per_worker > gpus_per_node:
+            raise click.UsageError(
+                f"gpus_per_worker {spec.gpus_per_worker:g} is more than --gpus-per-node "
+                f"{gpus_per_node}: one actor must fit on one node")
+        per_node = max(1, int(gpus_per_node // spec.gpus_per_worker + 1e-9))
+        cpus = node_cpus or max(8, math.ceil(per_node * spec.cpus_per_worker + decode_room))
+        gpus = gpus_per_node
+    else:
+        cpus = node_cpus or 8
+        per_node = max(1, int((cpus - decode_room) // spec.cpus_per_worker))
+        gpus = 0
+    per_node = min(per_node, spec.workers)
+    return ClusterShape(nodes=math.ceil(spec.workers / per_node), cpus=cpus,
+                        memory_gib=4 * cpus, gpus=gpus, actors_per_node=per_node)
+
+
+# -- names --------------------------------------------------------------------------------------
+def job_name(spec: specmod.JobSpec) -> str:
+    """A DNS-1123 name: [schedule] name, else drn-label-<spec file stem>."""
+    raw = spec.schedule.name or ("drn-label-" + Path(spec.source).stem if spec.source else "drn-label")
+    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")[:40].rstrip("-")
+    if not name:
+        raise click.UsageError(f"schedule.name {raw!r} has no letters or digits for a Kubernetes name")
+    return name
+
+
+def _portable(spec: specmod.JobSpec) -> specmod.JobSpec:
+    """The spec as it runs inside the cluster: the cluster's own Ray, no client address."""
+    return spec.replace(address=None, source=None,
+                        schedule=dataclasses.replace(spec.schedule, address=None))
+
+
+# -- Kubernetes objects ---------------------------------------------------------------------------
+def _labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "drn-label", "app.kubernetes.io/instance": name}
+
+
+def config_map(spec: specmod.JobSpec, name: str) -> dict:
+    text = spec_toml(_portable(spec), header=f"Rendered by `drn-label schedule` from {spec.source or 'flags'}.")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-spec-{digest}", "namespace": spec.schedule.namespace,
+                     "labels": _labels(name)},
+        "data": {"job.toml": text},
+    }
+
+
+def _spec_volume(cm_name: str) -> tuple[dict, dict]:
+    volume = {"name": "job-spec", "configMap": {"name": cm_name}}
+    mount = {"name": "job-spec", "mountPath": SPEC_DIR, "readOnly": True}
+    return volume, mount
+
+
+def _ray_container(name: str, image: str, cpus: int | str, memory: str, gpus: int = 0,
+                   mounts: list | None = None) -> dict:
+    limits: dict[str, Any] = {"cpu": str(cpus), "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    container: dict[str, Any] = {
+        "name": name, "image": image,
+        "resources": {"limits": limits, "requests": {"cpu": str(cpus), "memory": memory}},
+    }
+    if name == "ray-head":
+        container["ports"] = [{"containerPort": 6379, "name": "gcs-server"},
+                              {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
+                              {"containerPort": 10001, "name": "client"}]
+    if mounts:
+        container["volumeMounts"] = mounts
+    return container
+
+
+def ray_cluster_spec(spec: specmod.JobSpec, name: str, *, cm_name: str | None, shape: ClusterShape,
+                     autoscale: bool, token_secret: str | None = None) -> dict:
+    """A head without work (num-cpus 0: it runs the driver) and one worker group sized by `shape`."""
+    image = spec.schedule.image
+    head_volumes, head_mounts = [], []
+    if cm_name:
+        volume, mount = _spec_volume(cm_name)
+        head_volumes, head_mounts = [volume], [mount]
+    head_pod: dict[str, Any] = {"containers": [_ray_container("ray-head", image, 2, "8Gi",
+                                                              mounts=head_mounts)]}
+    if head_volumes:
+        head_pod["volumes"] = head_volumes
+    worker_pod: dict[str, Any] = {"containers": [_ray_container(
+        "ray-worker", image, shape.cpus, f"{shape.memory_gib}Gi", gpus=shape.gpus)]}
+    if shape.gpus:
+        worker_pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                      "effect": "NoSchedule"}]
+    group = {
+        "groupName": "gpu" if shape.gpus else "cpu",
+        "replicas": 0 if autoscale else shape.nodes,
+        "minReplicas": 0 if autoscale else shape.nodes,
+        "maxReplicas": shape.nodes,
+        "rayStartParams": {},
+        "template": {"spec": worker_pod},
+    }
+    auth: dict[str, str] = {"mode": "token"}
+    if token_secret:
+        auth["secretName"] = token_secret
+    cluster: dict[str, Any] = {
+        "rayVersion": RAY_VERSION,
+        "authOptions": auth,
+        "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                          "template": {"metadata": {"labels": _labels(name)}, "spec": head_pod}},
+        "workerGroupSpecs": [group],
+    }
+    if autoscale:
+        cluster["enableInTreeAutoscaling"] = True
+        cluster["autoscalerOptions"] = {"idleTimeoutSeconds": 300}
+    return cluster
+
+
+def job_metadata(spec: specmod.JobSpec) -> dict[str, str]:
+    """Ray job metadata: `drn-label status ID` reads OUTPUT's progress from it."""
+    meta = {"drn_label_output": spec.output or "", "drn_label_input": spec.input or "",
+            "drn_label_model": spec.model}
+    return {k: v for k, v in meta.items() if v}
+
+
+def rayjob_spec(spec: specmod.JobSpec, name: str, cm_name: str, shape: ClusterShape, *,
+                deadline_s: int, ttl_s: int, backoff_limit: int) -> dict:
+    return {
+        "entrypoint": f"drn-label run --job {SPEC_PATH}",
+        "metadata": job_metadata(spec),
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": ttl_s,
+        "activeDeadlineSeconds": deadline_s,
+        "backoffLimit": backoff_limit,
+        # One submission per attempt: a resubmitting submitter would start a second
+        # driver on the same OUTPUT (it would wait on the first one's lease).
+        "submitterConfig": {"backoffLimit": 0},
+        "rayClusterSpec": ray_cluster_spec(spec, name, cm_name=cm_name, shape=shape, autoscale=False),
+    }
+
+
+def rayjob(spec, name, cm_name, shape, **kw) -> dict:
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob",
+            "metadata": {"name": name, "namespace": spec.schedule.namespace, "labels": _labels(name)},
+            "spec": rayjob_spec(spec, name, cm_name, shape, **kw)}
+
+
+def raycronjob(spec, name, cm_name, shape, **kw) -> dict:
+    cron_spec: dict[str, Any] = {"schedule": spec.schedule.cron}
+    if spec.schedule.time_zone:
+        cron_spec["timeZone"] = spec.schedule.time_zone
+    cron_spec["jobTemplate"] = rayjob_spec(spec, name, cm_name, shape, **kw)
+    return {"apiVersion": "ray.io/v1", "kind": "RayCronJob",
+            "metadata": {"name": name, "namespace": spec.schedule.namespace, "labels": _labels(name)},
+            "spec": cron_spec}
+
+
+def token_secret_name(name: str) -> str:
+    return f"{name}-ray-token"
+
+
+def default_address(spec: specmod.JobSpec, name: str) -> str:
+    """The dashboard of the RayCluster that `--kind raycluster` renders (KubeRay's head service)."""
+    return f"http://{name}-head-svc.{spec.schedule.namespace}.svc.cluster.local:{DASHBOARD_PORT}"
+
+
+def raycluster(spec, name, shape) -> dict:
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": name, "namespace": spec.schedule.namespace, "labels": _labels(name)},
+            "spec": ray_cluster_spec(spec, name, cm_name=None, shape=shape, autoscale=True,
+                                     token_secret=token_secret_name(name))}
+
+
+def cronjob(spec, name, cm_name, *, deadline_s: int, ttl_s: int) -> dict:
+    address = spec.schedule.address or default_address(spec, name)
+    volume, mount = _spec_volume(cm_name)
+    container = {
+        "name": "submit",
+        "image": spec.schedule.image,
+        "command": ["drn-label", "submit", "--job", SPEC_PATH, "--wait"],
+        "env": [
+            {"name": "RAY_ADDRESS", "value": address},
+            {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
+                "name": token_secret_name(name), "key": "auth_token", "optional": True}}},
+        ],
+        "resources": {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        "volumeMounts": [mount],
+    }
+    job_spec = {
+        # The pod only submits and waits: a retry would submit a second run (which the
+        # OUTPUT lease would refuse); the next tick picks up whatever is left.
+        "backoffLimit": 0,
+        "activeDeadlineSeconds": deadline_s,
+        "ttlSecondsAfterFinished": ttl_s,
+        "template": {"metadata": {"labels": _labels(name)},
+                     "spec": {"restartPolicy": "Never", "containers": [container],
+                              "volumes": [volume]}},
+    }
+    cron_spec: dict[str, Any] = {"schedule": spec.schedule.cron}
+    if spec.schedule.time_zone:
+        cron_spec["timeZone"] = spec.schedule.time_zone
+    cron_spec.update({"concurrencyPolicy": "Forbid", "startingDeadlineSeconds": 3600,
+                      "successfulJobsHistoryLimit": 3, "failedJobsHistoryLimit": 3,
+                      "jobTemplate": {"spec": job_spec}})
+    return {"apiVersion": "batch/v1", "kind": "CronJob",
+            "metadata": {"name": name, "namespace": spec.schedule.namespace, "labels": _labels(name)},
+            "spec": cron_spec}
+
+
+# -- Ray cluster launcher (`ray up`) ------------------------------------------------------------
+def launcher_config(spec: specmod.JobSpec, name: str, shape: ClusterShape, *,
+                    instance_type: str, head_instance_type: str, region: str) -> dict:
+    """An AWS cluster for `ray up`: a CPU head (runs the driver) and GPU (or CPU) workers that
+    scale from zero. The job spec travels with `drn-label submit --job`, not in this file."""
+    start_env = "export RAY_AUTH_MODE=token; ulimit -n 65536;"
+    worker_resources: dict[str, int] = {"CPU": shape.cpus}
+    if shape.gpus:
+        worker_resources["GPU"] = shape.gpus
+    return {
+        "cluster_name": name,
+        "max_workers": shape.nodes,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 10,
+        "docker": {"image": spec.schedule.image, "container_name": "drn-label",
+                   "pull_before_run": True, "run_options": ["--ulimit nofile=65536:65536"]},
+        "provider": {"type": "aws", "region": region, "cache_stopped_nodes": False},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {
+            "head": {"resources": {"CPU": 0},
+                     "node_config": {"InstanceType": head_instance_type}},
+            "workers": {"min_workers": 0, "max_workers": shape.nodes,
+                        "resources": worker_resources,
+                        "node_config": {"InstanceType": instance_type}},
+        },
+        "head_node_type": "head",
+        # The same token on every node and on your laptop (`ray get-auth-token --generate`).
+        "file_mounts": {"~/.ray/auth_token": "~/.ray/auth_token"},
+        "head_start_ray_commands": [
+            "ray stop",
+            f"{start_env} ray start --head --port=6379 --object-manager-port=8076 "
+            "--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0",
+        ],
+        "worker_start_ray_commands": [
+            "ray stop",
+            f"{start_env} ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076",
+        ],
+    }
+
+
+# -- rendering -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RenderOptions:
+    gpus_per_node: int = 1
+    node_cpus: int | None = None
+    deadline_s: int = DEFAULT_DEADLINE_S
+    ttl_s: int = DEFAULT_TTL_S
+    backoff_limit: int = DEFAULT_BACKOFF_LIMIT
+    instance_type: str = "g5.2xlarge"
+    head_instance_type: str = "m5.2xlarge"
+    region: str = "us-west-2"
+
+
+def render_objects(spec: specmod.JobSpec, kind: str, options: RenderOptions = RenderOptions()) -> list[dict]:
+    """The objects (or, for `launcher`, the one config) that run `spec` as `kind`."""
+    if kind not in KINDS:
+        raise click.UsageError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    if kind in ("raycronjob", "cronjob") and not spec.schedule.cron:
+        raise click.UsageError(f"--kind {kind} needs a schedule: --cron '0 2 * * *' or "
+                               f"`cron = ...` under [schedule] in the job spec")
+    name = job_name(spec)
+    shape = cluster_shape(spec, gpus_per_node=options.gpus_per_node, node_cpus=options.node_cpus)
+    run_kw = dict(deadline_s=options.deadline_s, ttl_s=options.ttl_s, backoff_limit=options.backoff_limit)
+    if kind == "raycluster":
+        return [raycluster(spec, name, shape)]
+    if kind == "launcher":
+        return [launcher_config(spec, name, shape, instance_type=options.instance_type,
+                                head_instance_type=options.head_instance_type, region=options.region)]
+    cm = config_map(spec, name)
+    cm_name = cm["metadata"]["name"]
+    if kind == "rayjob":
+        return [cm, rayjob(spec, name, cm_name, shape, **run_kw)]
+    if kind == "raycronjob":
+        return [cm, raycronjob(spec, name, cm_name, shape, **run_kw)]
+    return [cm, cronjob(spec, name, cm_name, deadline_s=options.deadline_s, ttl_s=options.ttl_s)]
+
+
+_NOTES = {
+    "raycronjob": "Needs KubeRay >= 1.6 with the RayCronJob feature gate on. Each tick creates a RayJob\n"
+                  "with its own Ray cluster, labels what is new, and deletes the cluster afterwards.",
+    "rayjob": "One run now, on a cluster of its own that is deleted when the run ends.\n"
+              "Use `kubectl create -f` (the name is fixed: delete the finished RayJob to run again).",
+    "cronjob": "Submits to the long-lived RayCluster (`--kind raycluster`) with `drn-label submit --wait`.\n"
+               "The token comes from the Secret {secret} (key auth_token), the RayCluster's token.",
+    "raycluster": "A long-lived cluster for `--kind cronjob` and `drn-label submit`. Its token is the\n"
+                  "Secret {secret} (key auth_token); create it first:\n"
+                  "  kubectl -n {namespace} create secret generic {secret} \\\n"
+                  "    --from-literal=auth_token=$(openssl rand -hex 32)",
+    "launcher": "For `ray up` on AWS (not Kubernetes). Token auth: run `ray get-auth-token --generate`\n"
+                "first; the token file is copied to every node. Then: `ray dashboard THIS_FILE` and\n"
+                "`drn-label submit --address http://127.0.0.1:8265 --job SPEC --wait`.",
+}
+
+
+def _yaml_dumper():
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        """Multi-line strings (the spec in the ConfigMap) as literal blocks, readable in kubectl."""
+
+    def text(dumper, value: str):
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    return Dumper
+
+
+def render(spec: specmod.JobSpec, kind: str, options: RenderOptions = RenderOptions()) -> str:
+    """YAML text: a header saying where it came from, then the objects as YAML documents."""
+    import yaml
+
+    _Dumper = _yaml_dumper()
+    objects = render_objects(spec, kind, options)
+    name = job_name(spec)
+    note = _NOTES[kind].format(secret=token_secret_name(name), namespace=spec.schedule.namespace)
+    source = spec.source or "command-line flags"
+    header = [f"Rendered by `drn-label schedule --kind {kind}` from {source}: edit the spec and",
+              "render again rather than editing this file.", *note.splitlines()]
+    text = "\n".join(f"# {line}" for line in header) + "\n"
+    docs = [yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+            for obj in objects]
+    return text + "---\n".join(docs)
+
+
+def _local_path_warning(spec: specmod.JobSpec) -> str | None:
+    local = [f"{key} {value}" for key, value in (("input", spec.input), ("output", spec.output))
+             if value and "://" not in value]
+    if not local:
+        return None
+    return (f"warning: {' and '.join(local)}: local paths, which the cluster must see at the same "
+            f"path (a shared volume); s3:// URIs work everywhere")
+
+
+# -- the command -------------------------------------------------------------------------------
+@click.command()
+@click.option("--job", "job_file", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML job spec; its [schedule] table gives the defaults of the flags below.")
+@click.option("--cron", default=None, help='Cron schedule, e.g. "0 2 * * *" (raycronjob, cronjob).')
+@click.option("--time-zone", default=None, help="IANA time zone of the schedule [default: UTC].")
+@click.option("--image", default=None, help="Container image with drn-label installed (deploy/Dockerfile).")
+@click.option("--kind", type=click.Choice(KINDS), default=None,
+              help="What to render [default: the spec's schedule.kind, else raycronjob].")
+@click.option("--namespace", default=None, help="Kubernetes namespace [default: default].")
+@click.option("--name", default=None, help="Object name [default: drn-label-<spec file name>].")
+@click.option("--address", default=None,
+              help="Dashboard of the long-lived cluster (cronjob) [default: the RayCluster --kind "
+                   "raycluster renders].")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="GPUs per worker node.")
+@click.option("--node-cpus", type=click.IntRange(min=1), default=None,
+              help="CPUs per worker node [default: enough for its actors plus decoding, at least 8].")
+@click.option("--deadline", "deadline_s", type=click.IntRange(min=60), default=DEFAULT_DEADLINE_S,
+              show_default=True, help="Seconds a run may take (activeDeadlineSeconds).")
+@click.option("--ttl", "ttl_s", type=click.IntRange(min=0), default=DEFAULT_TTL_S, show_default=True,
+              help="Seconds a finished run is kept (ttlSecondsAfterFinished).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, writable=True, path_type=Path),
+              default=None, help="Write the YAML here [default: stdout].")
+def schedule(job_file: Path, cron, time_zone, image, kind, namespace, name, address, gpus_per_node,
+             node_cpus, deadline_s, ttl_s, out: Path | None) -> None:
+    """Render the manifests that run a job spec on Kubernetes (or a `ray up` config).
+
+    \b
+      drn-label schedule --job jobs/nightly-s3.toml --cron "0 2 * * *" | kubectl apply -f -
+    """
+    try:
+        spec = specmod.load_spec(job_file)
+        overrides = {"schedule_cron": cron, "schedule_time_zone": time_zone, "schedule_image": image,
+                     "schedule_namespace": namespace, "schedule_name": name,
+                     "schedule_address": address}
+        if kind in specmod.SCHEDULE_KINDS:
+            overrides["schedule_kind"] = kind
+        spec = specmod.merge(spec, overrides).validate()
+    except specmod.SpecError as exc:
+        raise click.UsageError(str(exc)) from None
+    warning = _local_path_warning(spec)
+    if warning:
+        click.echo(warning, err=True)
+    options = RenderOptions(gpus_per_node=gpus_per_node, node_cpus=node_cpus, deadline_s=deadline_s,
+                            ttl_s=ttl_s)
+    text = render(spec, kind or spec.schedule.kind, options)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        click.echo(f"wrote {out}", err=True)
