@@ -14,10 +14,16 @@ from pipeline import spec as specmod
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DRN_LABEL"}
 
 
-def _model_names() -> list[str]:
+def _check_model(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Validate --model against the registry only when given (importing torch costs seconds)."""
+    if value is None:
+        return None
     import drn
 
-    return list(drn.list_models())
+    names = drn.list_models()
+    if value not in names:
+        raise click.BadParameter(f"{value!r} is not one of {', '.join(names)}", ctx=ctx, param=param)
+    return value
 
 
 @click.group(context_settings=CONTEXT)
@@ -56,8 +62,8 @@ def run_options(f):
     opts = [
         click.option("--job", "job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="TOML job spec (jobs/*.toml); flags override its keys."),
-        click.option("--model", type=click.Choice(_model_names()), default=None,
-                     help="Architecture [default: drn_d_22]."),
+        click.option("--model", default=None, callback=_check_model,
+                     help="Architecture, see `drn-label models` [default: drn_d_22]."),
         click.option("--weights", default=None,
                      help="Checkpoint: path, file:// or http(s):// URL (authors', torchvision or own format)."),
         click.option("--classes", default=None, help="Label set: a preset (cityscapes) or a classes file."),
@@ -73,6 +79,9 @@ def run_options(f):
                      help="Torch threads per predict actor [default: on CPU, cluster CPUs / workers]."),
         click.option("--max-side", type=click.IntRange(min=8), default=None,
                      help="Scale larger images down for inference; masks come back at source size [default: 2048]."),
+        click.option("--size-bucket", type=click.IntRange(min=8), default=None,
+                     help="Pad images to multiples of this many pixels so mixed sizes batch together "
+                          "(labels may change near the bottom/right edges) [default: exact sizes]."),
         click.option("--precision", type=click.Choice(specmod.PRECISIONS), default=None,
                      help="Inference precision [default: fp32]."),
         click.option("--retries", type=click.IntRange(min=0), default=None,
@@ -84,7 +93,7 @@ def run_options(f):
         click.option("--overwrite", is_flag=True, default=None, help="Relabel everything this model already labelled."),
         click.option("--retry-errors", is_flag=True, default=None, help="Relabel images whose row is an error."),
         click.option("--address", default=None, envvar="RAY_ADDRESS",
-                     help="Ray cluster address [default: an embedded local Ray]."),
+                     help="Ray cluster address (RAY_ADDRESS); `run` without one starts an embedded local Ray."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -92,7 +101,7 @@ def run_options(f):
 
 
 SPEC_KEYS = ("model", "weights", "classes", "num_classes", "batch_size", "workers",
-             "gpus_per_worker", "cpus_per_worker", "torch_threads", "max_side", "precision",
+             "gpus_per_worker", "cpus_per_worker", "torch_threads", "max_side", "size_bucket", "precision",
              "retries", "max_error_rate", "rows_per_file", "overwrite", "retry_errors", "address")
 
 
@@ -187,8 +196,10 @@ from pipeline.report import report_command  # noqa: E402
 cli.add_command(export_command)
 cli.add_command(report_command)
 from pipeline.bench import bench  # noqa: E402
+from pipeline.demo import demo  # noqa: E402
 
 cli.add_command(bench)
+cli.add_command(demo)
 
 
 def main() -> None:

@@ -54,6 +54,7 @@ class JobSpec:
     torch_threads: int | None = None
     decode_cpus: float = 1.0
     max_side: int = 2048
+    size_bucket: int | None = None
     precision: str = "fp32"
     retries: int = 3
     max_error_rate: float | None = None
@@ -90,6 +91,8 @@ class JobSpec:
             raise bad("decode_cpus", f"must be > 0, got {self.decode_cpus}")
         if self.max_side < 8:
             raise bad("max_side", f"must be at least 8, got {self.max_side}")
+        if self.size_bucket is not None and self.size_bucket < 8:
+            raise bad("size_bucket", f"must be at least 8, got {self.size_bucket}")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.retries < 0:
@@ -127,6 +130,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "classes": (str,), "num_classes": (int,), "batch_size": (int,), "workers": (int,),
     "gpus_per_worker": (int, float), "cpus_per_worker": (int, float),
     "torch_threads": (int,), "decode_cpus": (int, float), "max_side": (int,),
+    "size_bucket": (int,),
     "precision": (str,), "retries": (int,), "max_error_rate": (int, float),
     "rows_per_file": (int,), "png_compression": (int,), "overwrite": (bool,),
     "retry_errors": (bool,), "address": (str,),

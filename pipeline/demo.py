@@ -1,0 +1,88 @@
+"""`drn-label demo`: a newcomer's first run, with labels that are right, not noise.
+
+1. Sample images with exact ground truth (synthetic scenes, `pipeline.synth`).
+2. A drn_d_22 trained on other synthetic scenes (`pipeline.train`), the first time only:
+   the checkpoint is cached beside the samples and training resumes if interrupted.
+3. `run_job` on an embedded local Ray, exactly what `drn-label run --job jobs/demo.toml`
+   does, then `eval` of the masks against the ground truth.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+# Training recipe measured on a 2-core CPU (see docs/benchmarks.md): a few minutes.
+DEMO_ARCH = "drn_d_22"
+DEMO_TRAIN = {"count": 300, "size": 96, "seed": 0}
+DEMO_SAMPLES = {"size": 160, "seed": 1}
+DEMO_FIT = {"epochs": 8, "batch_size": 8, "size": 96, "lr": 0.01}
+
+
+def ensure_checkpoint(root: Path, echo=click.echo) -> Path:
+    """Train the demo model once; later calls return the cached checkpoint."""
+    from pipeline.synth import make_synthetic_set
+    from pipeline.train import state_path, train
+
+    ckpt = root / f"{DEMO_ARCH}-synthetic.pth"
+    state = state_path(ckpt)
+    if ckpt.exists() and state.exists() and json_finished(state):
+        return ckpt
+    train_dir = root / "train"
+    if not (train_dir / "classes.json").exists():
+        echo(f"writing {DEMO_TRAIN['count']} synthetic training scenes to {train_dir}")
+        make_synthetic_set(train_dir, **DEMO_TRAIN)
+    echo(f"training {DEMO_ARCH} on them (first run only; a few minutes on a laptop CPU)")
+    train(train_dir, arch=DEMO_ARCH, out=ckpt, log=lambda m: echo("  " + m), **DEMO_FIT)
+    return ckpt
+
+
+def json_finished(state: Path) -> bool:
+    """A finished training run leaves a tensor-free record (see pipeline.train)."""
+    import torch
+
+    try:
+        record = torch.load(state, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable state: train again
+        return False
+    return bool(isinstance(record, dict) and record.get("model") is None
+                and record.get("checkpoint_sha256"))
+
+
+@click.command()
+@click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
+              show_default=True, help="Where samples, checkpoint and output go.")
+@click.option("--images", "count", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Sample images to label.")
+def demo(root: Path, count: int) -> None:
+    """Label sample images with a trained DRN on an embedded local Ray, and score the labels."""
+    from pipeline.metrics import evaluate_output
+    from pipeline.run import JobError, run_job
+    from pipeline.spec import JobSpec
+    from pipeline.synth import make_synthetic_set
+
+    root.mkdir(parents=True, exist_ok=True)
+    ckpt = ensure_checkpoint(root)
+    if len(list((root / "images").glob("*.png"))) != count:
+        click.echo(f"writing {count} sample images to {root / 'images'} (ground truth in {root / 'masks'})")
+        make_synthetic_set(root, count=count, **DEMO_SAMPLES)
+    out = root / "out"
+    spec = JobSpec(input=str(root / "images"), output=str(out), model=DEMO_ARCH, weights=str(ckpt),
+                   batch_size=4, rows_per_file=100)
+    try:
+        result = run_job(spec, echo=lambda m: click.echo(m, err=True))
+    except JobError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(result.summary())
+    scores = evaluate_output(str(out), root)
+    click.echo(f"agreement with the ground truth: mIoU {scores['miou']:.3f}, pixel accuracy "
+               f"{scores['pixel_accuracy']:.3f} over {scores['images_evaluated']} images")
+    click.echo(json.dumps(scores["per_class"], indent=None))
+    click.echo(f"""
+The labels are in {out}/ (Parquet; non-data files start with _). Try:
+  drn-label inspect {out}
+  python -c "import duckdb; print(duckdb.sql(\\"SELECT image_id, confidence, class_fraction FROM read_parquet('{out}/**/*.parquet') ORDER BY confidence LIMIT 5\\"))"
+  python -c "import pandas as pd; print(pd.read_parquet('{out}')[['image_id', 'status', 'confidence']].head())"
+  drn-label report {out} --html {root}/report.html
+Rerun `drn-label demo` (or `drn-label run --job jobs/demo.toml`): nothing is labelled twice.""")
