@@ -15,6 +15,8 @@ Plain PyTorch (no Ray, no I/O), so it runs and is benchmarked on a GPU machine a
   images of the same padded shape. The padding depends only on the image's own size, so
   masks still do not depend on batch neighbours; they can differ from exact-size
   inference near the bottom and right edges (docs/benchmarks.md measures by how much).
+- Test-time augmentation (opt-in, as the authors evaluated): log-probabilities averaged
+  over input scales and optionally a horizontal flip, all on the device.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class Predictor:
         channels_last: bool | None = None,
         batch_size: int = 4,
         size_bucket: int | None = None,
+        tta_scales: Sequence[float] | None = None,
+        tta_flip: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -84,6 +89,10 @@ class Predictor:
         if size_bucket is not None and size_bucket < 8:
             raise ValueError(f"size_bucket must be at least 8 pixels, got {size_bucket}")
         self.size_bucket = size_bucket
+        if tta_scales is not None and (not tta_scales or min(tta_scales) <= 0):
+            raise ValueError(f"tta_scales must be positive numbers, got {list(tta_scales)}")
+        self.tta_scales = tuple(float(s) for s in tta_scales) if tta_scales else None
+        self.tta_flip = bool(tta_flip)
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         model = model.eval().to(self.device)
         if self.channels_last:
@@ -139,9 +148,7 @@ class Predictor:
         h, w = x.shape[2:]
         if (bh, bw) != (h, w):
             x = torch.nn.functional.pad(x, (0, bw - w, 0, bh - h))
-        with self._autocast():
-            logits = self.model(x)
-        logits = logits[:, :, :h, :w].float()
+        logits = self._logits(x)[:, :, :h, :w]
         return self._statistics(logits)
 
     @torch.inference_mode()
@@ -151,13 +158,38 @@ class Predictor:
         for img in images:
             x = self.normalise(torch.from_numpy(np.ascontiguousarray(img)).unsqueeze(0))
             parts.append(torch.nn.functional.pad(x, (0, bw - x.shape[3], 0, bh - x.shape[2])))
-        with self._autocast():
-            logits = self.model(torch.cat(parts)).float()
+        logits = self._logits(torch.cat(parts))
         out: list[Prediction] = []
         for i, img in enumerate(images):
             h, w = img.shape[:2]
             out.extend(self._statistics(logits[i:i + 1, :, :h, :w]))
         return out
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's float32 logits for a normalised batch; with TTA, the mean over scales
+        (and flips) of the log-probabilities, resized back to the input size."""
+        if not self.tta_scales and not self.tta_flip:
+            with self._autocast():
+                return self.model(x).float()
+        h, w = x.shape[2:]
+        total, count = None, 0
+        for scale in self.tta_scales or (1.0,):
+            size = (max(8, round(h * scale)), max(8, round(w * scale)))
+            xs = x if size == (h, w) else torch.nn.functional.interpolate(
+                x, size=size, mode="bilinear", align_corners=False)
+            for flip in ((False, True) if self.tta_flip else (False,)):
+                inp = torch.flip(xs, dims=[3]) if flip else xs
+                with self._autocast():
+                    out = self.model(inp).float()
+                if flip:
+                    out = torch.flip(out, dims=[3])
+                if out.shape[2:] != (h, w):
+                    out = torch.nn.functional.interpolate(out, size=(h, w), mode="bilinear",
+                                                          align_corners=False)
+                logp = torch.log_softmax(out, dim=1)
+                total = logp if total is None else total + logp
+                count += 1
+        return total / count
 
     def _statistics(self, logits: torch.Tensor) -> list[Prediction]:
         """Softmax statistics and arg-max on the device; only masks and C floats come back."""

@@ -57,6 +57,19 @@ def models() -> None:
 
 
 # -- run -------------------------------------------------------------------------------
+def _parse_scales(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    try:
+        scales = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected numbers separated by commas, e.g. 0.5,1,1.5",
+                                 ctx=ctx, param=param) from None
+    if not scales or min(scales) <= 0:
+        raise click.BadParameter(f"{value!r}: scales must be positive", ctx=ctx, param=param)
+    return scales
+
+
 def run_options(f):
     """The options `run` and `submit` share; each maps to a JobSpec key."""
     opts = [
@@ -82,6 +95,11 @@ def run_options(f):
         click.option("--size-bucket", type=click.IntRange(min=8), default=None,
                      help="Pad images to multiples of this many pixels so mixed sizes batch together "
                           "(labels may change near the bottom/right edges) [default: exact sizes]."),
+        click.option("--tta", is_flag=True, default=None,
+                     help="Test-time augmentation: average log-probabilities over --tta-scales (slower, better labels)."),
+        click.option("--tta-scales", callback=_parse_scales, default=None,
+                     help="Comma-separated scales for --tta [default: 0.5,0.75,1,1.25,1.5,1.75]."),
+        click.option("--tta-flip", is_flag=True, default=None, help="With --tta, also average a horizontal flip."),
         click.option("--precision", type=click.Choice(specmod.PRECISIONS), default=None,
                      help="Inference precision [default: fp32]."),
         click.option("--retries", type=click.IntRange(min=0), default=None,
@@ -101,7 +119,7 @@ def run_options(f):
 
 
 SPEC_KEYS = ("model", "weights", "classes", "num_classes", "batch_size", "workers",
-             "gpus_per_worker", "cpus_per_worker", "torch_threads", "max_side", "size_bucket", "precision",
+             "gpus_per_worker", "cpus_per_worker", "torch_threads", "max_side", "size_bucket", "tta", "tta_scales", "tta_flip", "precision",
              "retries", "max_error_rate", "rows_per_file", "overwrite", "retry_errors", "address")
 
 
@@ -113,8 +131,9 @@ def spec_from_cli(input_: str | None, output: str | None, job_file: Path | None,
         overrides["input"], overrides["output"] = input_, output
         if overrides.get("overwrite") is False:
             overrides["overwrite"] = None
-        if overrides.get("retry_errors") is False:
-            overrides["retry_errors"] = None
+        for flag in ("retry_errors", "tta", "tta_flip"):
+            if overrides.get(flag) is False:
+                overrides[flag] = None
         return specmod.merge(base, overrides).validate()
     except specmod.SpecError as exc:
         raise click.UsageError(str(exc)) from None

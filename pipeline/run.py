@@ -21,10 +21,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline.output import (LEASE_FILE, PROGRESS_FILE, RUNS_DIR, OutputMetadata,
+from pipeline.output import (LEASE_FILE, PROGRESS_FILE, RUNS_DIR, SCHEMA, OutputMetadata,
                              data_files, open_dataset, schema_with_metadata)
 from pipeline.progress import Progress, ProgressReporter
-from pipeline.sink import TMP_DIR, read_bytes_or_none, write_bytes_atomic, write_table_atomic
+from pipeline.sink import (TMP_DIR, LeaseLost, lease_holder, read_bytes_or_none,
+                           write_bytes_atomic, write_table_atomic)
 from pipeline.sources import list_inputs, resolve
 from pipeline.spec import JobSpec
 from pipeline.stages import ModelSpec, RowIdentity
@@ -123,6 +124,40 @@ def default_palette(n: int) -> list[tuple[int, int, int]]:
 
 
 # -- lease: one writer per OUTPUT ---------------------------------------------------------
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _holder_is_gone(lease: dict) -> bool:
+    """Whether the lease was written by a process of this machine that no longer exists.
+
+    Only a lease from this host and pid namespace can be checked; a pid that is alive but
+    now belongs to a younger process (pid reuse) counts as gone. Anything else is assumed
+    alive until its heartbeat expires.
+    """
+    pid = lease.get("pid")
+    if (lease.get("host") != socket.gethostname() or lease.get("pid_ns") != _pid_namespace()
+            or not isinstance(pid, int) or pid <= 0):
+        return False
+    started = _process_started(pid)
+    if started is None:
+        return True
+    recorded = lease.get("pid_started")
+    return isinstance(recorded, (int, float)) and abs(started - recorded) > 1.0
+
+
 def acquire_lease(output: str, run_id: str) -> None:
     raw = read_bytes_or_none(output, LEASE_FILE)
     if raw:
@@ -131,19 +166,23 @@ def acquire_lease(output: str, run_id: str) -> None:
         except ValueError:
             lease = {}
         age = time.time() - float(lease.get("heartbeat", 0))
-        if lease.get("run_id") != run_id and age < LEASE_TTL_S:
+        holder = lease.get("run_id")
+        gone = holder != run_id and age < LEASE_TTL_S and _holder_is_gone(lease)
+        if holder != run_id and age < LEASE_TTL_S and not gone:
             raise LeaseHeld(
-                f"OUTPUT {output} is being written by run {lease.get('run_id')} "
+                f"OUTPUT {output} is being written by run {holder} "
                 f"(host {lease.get('host')}, pid {lease.get('pid')}, last seen {age:.0f}s ago); "
                 f"wait for it to finish (`drn-label status {output}`), or remove {LEASE_FILE} "
                 f"if that run is dead (it expires {LEASE_TTL_S:.0f}s after its last heartbeat)")
-        if lease.get("run_id") and lease.get("run_id") != run_id:
-            log.warning("taking over the expired lease of run %s", lease.get("run_id"))
+        if gone:
+            log.warning("taking over the lease of run %s: its process (pid %s on this host) "
+                        "is gone", holder, lease.get("pid"))
+        elif holder and holder != run_id:
+            log.warning("taking over the expired lease of run %s", holder)
     renew_lease(output, run_id)
     # Last writer wins: read back after a moment so two simultaneous starters agree.
     time.sleep(0.2)
-    raw = read_bytes_or_none(output, LEASE_FILE)
-    holder = json.loads(raw).get("run_id") if raw else None
+    holder = lease_holder(output)
     if holder != run_id:
         raise LeaseHeld(f"OUTPUT {output} was taken by run {holder} as this run started; "
                         f"wait for it to finish (`drn-label status {output}`)")
@@ -151,27 +190,40 @@ def acquire_lease(output: str, run_id: str) -> None:
 
 def renew_lease(output: str, run_id: str) -> None:
     lease = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+             "pid_ns": _pid_namespace(), "pid_started": _process_started(os.getpid()),
              "heartbeat": time.time()}
     write_bytes_atomic(output, LEASE_FILE, json.dumps(lease).encode())
 
 
+def heartbeat_lease(output: str, run_id: str) -> None:
+    """Keep this run's lease fresh, but never write over a lease another run has taken
+    (the sink then refuses to commit, see `pipeline.sink.check_lease`)."""
+    holder = lease_holder(output)
+    if holder is not None and holder != run_id:
+        log.error("run %s lost the lease on OUTPUT %s to run %s", run_id, output, holder)
+        return
+    renew_lease(output, run_id)
+
+
 def release_lease(output: str, run_id: str) -> None:
-    raw = read_bytes_or_none(output, LEASE_FILE)
-    if raw and json.loads(raw).get("run_id") == run_id:
+    if lease_holder(output) == run_id:
         fs, root = resolve(output)
         fs.delete_file(f"{root}/{LEASE_FILE}")
 
 
 # -- what is already done -----------------------------------------------------------------
-def existing_rows(output: str, meta: OutputMetadata) -> pa.Table:
-    """image_id, status, run_id of committed rows with this model identity."""
+def existing_rows(output: str, meta: OutputMetadata,
+                  columns: tuple[str, ...] = ("image_id", "status", "run_id")) -> pa.Table:
+    """`columns` of the committed rows with this model identity."""
     dataset = open_dataset(output)
-    empty = pa.table({"image_id": pa.array([], pa.string()), "status": pa.array([], pa.string()),
-                      "run_id": pa.array([], pa.string())})
     if dataset is None:
-        return empty
+        return pa.table({c: pa.array([], SCHEMA.field(c).type) for c in columns})
     flt = (pc.field("model") == meta.model) & (pc.field("weights_sha256") == meta.weights_sha256)
-    return dataset.to_table(columns=["image_id", "status", "run_id"], filter=flt)
+    return dataset.to_table(columns=list(columns), filter=flt)
+
+
+def has_duplicates(image_ids: pa.ChunkedArray) -> bool:
+    return len(image_ids) > 0 and len(pc.unique(image_ids)) < len(image_ids)
 
 
 def remove_identity_rows(output: str, meta: OutputMetadata) -> int:
@@ -180,22 +232,32 @@ def remove_identity_rows(output: str, meta: OutputMetadata) -> int:
         pc.and_(pc.equal(t["model"], meta.model), pc.equal(t["weights_sha256"], meta.weights_sha256))))
 
 
-def drop_superseded_errors(output: str, meta: OutputMetadata) -> int:
-    """Error rows whose image has an ok row of the same model identity are removed."""
-    rows = existing_rows(output, meta)
-    ok_ids = pc.unique(pc.filter(rows["image_id"], pc.equal(rows["status"], "ok")))
-    if len(ok_ids) == 0:
+def drop_replaced_rows(output: str, meta: OutputMetadata) -> int:
+    """Keep one row per image of this model identity: an ok row over an error row, else
+    the newest row. --retry-errors writes the new row beside the old error row and
+    removes the old one here; a run killed before this step leaves both, and the next
+    run finishes the job (`_run_leased` calls this whenever it finds duplicates)."""
+    rows = existing_rows(output, meta, ("image_id", "status", "run_id", "labelled_at"))
+    counts = pc.value_counts(rows["image_id"])
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated) == 0:
         return 0
-    superseded = pc.filter(rows["image_id"], pc.and_(pc.not_equal(rows["status"], "ok"),
-                                                      pc.is_in(rows["image_id"], ok_ids)))
-    if len(superseded) == 0:
-        return 0
-    bad = pc.unique(superseded)
+    best: dict[str, tuple] = {}
+    for row in rows.filter(pc.is_in(rows["image_id"], repeated)).to_pylist():
+        rank = (row["status"] == "ok", row["labelled_at"], row["run_id"])
+        if row["image_id"] not in best or rank > best[row["image_id"]]:
+            best[row["image_id"]] = rank
 
     def keep(t: pa.Table):
         same = pc.and_(pc.equal(t["model"], meta.model), pc.equal(t["weights_sha256"], meta.weights_sha256))
-        drop = pc.and_(pc.and_(same, pc.not_equal(t["status"], "ok")), pc.is_in(t["image_id"], bad))
-        return pc.invert(drop)
+        candidates = pc.and_(same, pc.is_in(t["image_id"], repeated)).to_pylist()
+        mask = [True] * t.num_rows
+        picked = t.select(["image_id", "status", "run_id", "labelled_at"]).to_pylist()
+        for i, candidate in enumerate(candidates):
+            if candidate:
+                row = picked[i]
+                mask[i] = (row["status"] == "ok", row["labelled_at"], row["run_id"]) == best[row["image_id"]]
+        return pa.array(mask)
 
     return _rewrite_files(output, keep)
 
@@ -279,7 +341,10 @@ def build_dataset(spec: JobSpec, todo: pa.Table, meta: OutputMetadata, run_id: s
                         fn_kwargs={"max_side": spec.max_side, "retries": spec.retries})
     model_spec = ModelSpec(model=spec.model, weights=spec.weights, classes=spec.classes,
                            num_classes=spec.num_classes, precision=spec.precision,
-                           batch_size=spec.batch_size, torch_threads=default_torch_threads(spec))
+                           batch_size=spec.batch_size, torch_threads=default_torch_threads(spec),
+                           size_bucket=spec.size_bucket,
+                           tta_scales=spec.tta_scales if spec.tta else None,
+                           tta_flip=spec.tta and spec.tta_flip)
     ds = ds.map_batches(PredictActor, batch_format="pyarrow", batch_size=spec.batch_size,
                         compute=ActorPoolStrategy(size=spec.workers),
                         fn_constructor_args=(model_spec, progress_actor), num_cpus=spec.cpus_per_worker,
@@ -327,6 +392,9 @@ def _run_leased(spec, meta, inputs, run_id, output, t_start, echo, stream) -> Ru
         if dropped:
             echo(f"--overwrite: removed {dropped} rows of {meta.model} ({meta.weights_sha256[:12]})")
     done = existing_rows(output, meta)
+    # Rows to reconcile: --retry-errors replaces error rows, and an earlier run may have
+    # been killed between writing such rows and removing the ones they replace.
+    reconcile = spec.retry_errors or has_duplicates(done["image_id"])
     skip_status = ["ok"] if spec.retry_errors else ["ok", "error"]
     done_ids = pc.filter(done["image_id"], pc.is_in(done["status"], pa.array(skip_status)))
     todo = inputs.filter(pc.invert(pc.is_in(inputs["image_id"], done_ids)))
@@ -358,21 +426,33 @@ def _run_leased(spec, meta, inputs, run_id, output, t_start, echo, stream) -> Ru
             result.startup_s = time.time() - t_start
             reporter = ProgressReporter(progress, lambda: ray.get(counter.snapshot.remote(), timeout=10),
                                         save=save, stream=stream,
-                                        heartbeat=lambda: renew_lease(output, run_id)).start()
+                                        heartbeat=lambda: heartbeat_lease(output, run_id)).start()
             sink = make_datasink(output, run_id=run_id, schema=schema_with_metadata(meta),
                                  rows_per_file=spec.rows_per_file, progress_actor=actor_name)
             t_label = time.time()
-            build_dataset(spec, todo, meta, run_id, actor_name).write_datasink(sink)
+            try:
+                build_dataset(spec, todo, meta, run_id, actor_name).write_datasink(sink)
+            except Exception as exc:  # noqa: BLE001 - only a lost lease is translated
+                lost = _find_cause(exc, LeaseLost)
+                if lost is None:
+                    raise
+                raise JobError(str(lost)) from None
             result.label_s = time.time() - t_label
             result.files = [f["file"] for f in sink.files]
             result.ok = sum(f["ok"] for f in sink.files)
             result.errors = sum(f["errors"] for f in sink.files)
             del started_ray
-        if spec.retry_errors:
-            drop_superseded_errors(output, meta)
+        holder = lease_holder(output)
+        if holder not in (None, run_id):  # lost after its last commit: touch nothing more
+            raise JobError(f"run {run_id} lost the lease on OUTPUT {output} to run {holder}; "
+                           f"it leaves the rest to that run")
+        if reconcile:
+            replaced = drop_replaced_rows(output, meta)
+            if replaced:
+                echo(f"removed {replaced} rows that newer rows of {meta.model} replace")
         clean_tmp(output)
         state = "finished"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or `drn-label stop` (SIGTERM -> SystemExit)
         state = "interrupted"
         raise
     finally:
@@ -394,6 +474,20 @@ def _run_leased(spec, meta, inputs, run_id, output, t_start, echo, stream) -> Ru
     if spec.max_error_rate is not None and labelled and result.errors / labelled > spec.max_error_rate:
         result.exit_code = EXIT_ERROR_RATE
     return result
+
+
+def _find_cause(exc: BaseException, cls: type) -> BaseException | None:
+    """`exc` or the exception it wraps (Ray's task errors, chained causes) of type `cls`."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc) is cls:
+            return exc
+        wrapped = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
+        if isinstance(wrapped, cls):
+            return wrapped
+        exc = exc.__cause__ or exc.__context__ or wrapped
+    return None
 
 
 def _record(spec: JobSpec, meta: OutputMetadata, result: RunResult, t_start: float) -> dict:

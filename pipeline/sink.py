@@ -6,10 +6,14 @@
 - Local files are written under ``_tmp/`` and renamed into place (atomic on POSIX); on S3
   an object becomes visible only when its upload completes, so it is written in place.
 - Every non-data name starts with ``_``, so readers skip it.
+- A write task commits only while its run still holds OUTPUT's lease: a run that lost
+  it (stalled past the lease's expiry while another run took over) stops instead of
+  labelling the same images a second time.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from typing import Iterable
 
@@ -17,9 +21,31 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.output import LEASE_FILE
 from pipeline.sources import resolve
 
 TMP_DIR = "_tmp"
+
+
+class LeaseLost(RuntimeError):
+    """Another run holds OUTPUT's lease: this run must not commit more rows."""
+
+
+def lease_holder(output: str) -> str | None:
+    """The run_id named by OUTPUT's lease (None when there is no readable lease)."""
+    raw = read_bytes_or_none(output, LEASE_FILE)
+    try:
+        return json.loads(raw).get("run_id") if raw else None
+    except ValueError:
+        return None
+
+
+def check_lease(output: str, run_id: str) -> None:
+    holder = lease_holder(output)
+    if holder is not None and holder != run_id:
+        raise LeaseLost(f"run {run_id} lost the lease on OUTPUT {output} to run {holder} "
+                        f"(e.g. its heartbeat stopped for longer than the lease lasts); it "
+                        f"stopped committing rows so that no image is labelled twice")
 
 
 def is_local(fs: pafs.FileSystem) -> bool:
@@ -98,6 +124,7 @@ def make_datasink(output: str, *, run_id: str, schema: pa.Schema, rows_per_file:
             table = pa.concat_tables(tables).cast(self.schema)
             table = table.sort_by("image_id")
             name = file_name(self.run_id, table.column("image_id").to_pylist())
+            check_lease(self.output, self.run_id)
             write_table_atomic(self.output, name, table)
             errors = sum(1 for s in table.column("status").to_pylist() if s != "ok")
             stats = {"file": name, "rows": table.num_rows, "ok": table.num_rows - errors,

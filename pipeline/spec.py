@@ -55,6 +55,9 @@ class JobSpec:
     decode_cpus: float = 1.0
     max_side: int = 2048
     size_bucket: int | None = None
+    tta: bool = False  # test-time augmentation: mean log-probabilities over scales (+ flip)
+    tta_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    tta_flip: bool = False
     precision: str = "fp32"
     retries: int = 3
     max_error_rate: float | None = None
@@ -93,6 +96,8 @@ class JobSpec:
             raise bad("max_side", f"must be at least 8, got {self.max_side}")
         if self.size_bucket is not None and self.size_bucket < 8:
             raise bad("size_bucket", f"must be at least 8, got {self.size_bucket}")
+        if not self.tta_scales or any(s <= 0 for s in self.tta_scales):
+            raise bad("tta_scales", f"must be positive numbers, got {list(self.tta_scales)}")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.retries < 0:
@@ -118,6 +123,8 @@ class JobSpec:
             if f.name in ("source", "schedule"):
                 continue
             value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
             if value is not None:
                 out[f.name] = value
         sched = {k: v for k, v in dataclasses.asdict(self.schedule).items() if v is not None}
@@ -130,7 +137,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "classes": (str,), "num_classes": (int,), "batch_size": (int,), "workers": (int,),
     "gpus_per_worker": (int, float), "cpus_per_worker": (int, float),
     "torch_threads": (int,), "decode_cpus": (int, float), "max_side": (int,),
-    "size_bucket": (int,),
+    "size_bucket": (int,), "tta": (bool,), "tta_scales": (list,), "tta_flip": (bool,),
     "precision": (str,), "retries": (int,), "max_error_rate": (int, float),
     "rows_per_file": (int,), "png_compression": (int,), "overwrite": (bool,),
     "retry_errors": (bool,), "address": (str,),
@@ -160,6 +167,10 @@ def _check(table: Mapping[str, Any], types: dict[str, tuple[type, ...]], prefix:
             )
         if float in want and isinstance(value, int):
             value = float(value)
+        if list in want:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise SpecError(f"{source}: key {name!r} must be a list of numbers, got {value!r}")
+            value = tuple(float(v) for v in value)
         out[key] = value
     return out
 

@@ -73,6 +73,9 @@ class ModelSpec:
     batch_size: int = 4
     torch_threads: int | None = None
     device: str = "auto"
+    size_bucket: int | None = None
+    tta_scales: tuple[float, ...] | None = None  # None: no test-time augmentation
+    tta_flip: bool = False
 
     def build(self):
         import drn
@@ -95,7 +98,9 @@ class PredictActor:
         model = spec.build()
         self.num_classes = model.drn_config.num_classes
         self.predictor = Predictor.from_model(model, device=spec.device, precision=spec.precision,
-                                              batch_size=spec.batch_size)
+                                              batch_size=spec.batch_size,
+                                              size_bucket=spec.size_bucket,
+                                              tta_scales=spec.tta_scales, tta_flip=spec.tta_flip)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pydict()

@@ -125,3 +125,21 @@ def test_size_buckets_batch_mixed_sizes_without_neighbour_effects(model, predict
 def test_size_bucket_must_be_at_least_8(model):
     with pytest.raises(ValueError, match="size_bucket must be at least 8 pixels, got 4"):
         Predictor(model, mean=MEAN, std=STD, size_bucket=4)
+
+
+def test_tta_averages_scales_and_flip(model, predictor):
+    img = scene(40, 56, 12)
+    plain = predictor.predict([img])[0]
+    same = Predictor(model, mean=MEAN, std=STD, tta_scales=[1.0]).predict([img])[0]
+    np.testing.assert_array_equal(plain.mask, same.mask)  # one scale, no flip: unchanged
+    tta = Predictor(model, mean=MEAN, std=STD, tta_scales=[0.75, 1.0, 1.25], tta_flip=True)
+    pred = tta.predict([img])[0]
+    assert pred.mask.shape == (40, 56)
+    assert abs(float(pred.class_scores.sum()) - 1) < 1e-4
+    hist = np.bincount(pred.mask.ravel(), minlength=5) / pred.mask.size
+    np.testing.assert_allclose(pred.class_fraction, hist, atol=1e-6)
+    # Flip-averaging makes the labels of a mirrored image the mirror of the labels.
+    flip_only = Predictor(model, mean=MEAN, std=STD, tta_scales=[1.0], tta_flip=True)
+    a = flip_only.predict([img])[0].mask
+    b = flip_only.predict([np.ascontiguousarray(img[:, ::-1])])[0].mask
+    np.testing.assert_array_equal(a, b[:, ::-1])

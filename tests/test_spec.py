@@ -1,0 +1,87 @@
+"""Job specs and the CLI's validation: errors name the key (or option) and the file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import cli
+from pipeline.spec import JobSpec, SpecError, load_spec, merge
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "job.toml"
+    p.write_text(text)
+    return p
+
+
+def test_example_specs_load_and_validate():
+    demo = load_spec(ROOT / "jobs" / "demo.toml").validate()
+    assert demo.input == "demo/images" and demo.model == "drn_d_22"
+    nightly = load_spec(ROOT / "jobs" / "nightly-s3.toml").validate()
+    assert nightly.output.startswith("s3://") and nightly.gpus_per_worker == 0.5
+    assert nightly.schedule.cron == "0 2 * * *" and nightly.schedule.kind == "raycronjob"
+
+
+def test_dashes_and_underscores_and_tta_scales(tmp_path):
+    spec = load_spec(write(tmp_path, 'input = "a"\noutput = "b"\nbatch-size = 8\n'
+                                     'tta = true\ntta_scales = [1, 1.5]\n'))
+    assert spec.batch_size == 8 and spec.tta and spec.tta_scales == (1.0, 1.5)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('bach_size = 4\n', "job.toml: unknown key 'bach_size' (did you mean batch_size?)"),
+    ('batch_size = "4"\n', "job.toml: key 'batch_size' must be int, got str '4'"),
+    ('overwrite = 1\n', "job.toml: key 'overwrite' must be bool, got int 1"),
+    ('precision = "fp8"\n', "job.toml: key 'precision' must be one of fp32, bf16, fp16, got 'fp8'"),
+    ('[schedule]\nkind = "cron"\n', "job.toml: key 'schedule.kind' must be one of raycronjob, rayjob, cronjob, got 'cron'"),
+    ('[schedule]\ncorn = "x"\n', "job.toml: unknown key 'schedule.corn' (did you mean schedule.cron?)"),
+    ('tta_scales = ["a"]\n', "job.toml: key 'tta_scales' must be a list of numbers, got ['a']"),
+    ('input = \n', "job.toml: not valid TOML"),
+])
+def test_bad_keys_and_values_name_the_key_and_file(tmp_path, text, message):
+    with pytest.raises(SpecError) as exc:
+        load_spec(write(tmp_path, text))
+    assert str(exc.value).endswith(message) or str(exc.value).split(": ", 1)[1].startswith(
+        message.split(": ", 1)[1]), str(exc.value)
+    assert str(tmp_path / "job.toml") in str(exc.value)
+
+
+def test_validation_names_the_key_and_file(tmp_path):
+    spec = load_spec(write(tmp_path, 'input = "a"\noutput = "b"\nbatch_size = 0\n'))
+    with pytest.raises(SpecError, match=r"^batch_size in .*job.toml: must be at least 1, got 0$"):
+        spec.validate()
+    with pytest.raises(SpecError, match="^output: missing: give OUTPUT on the command line"):
+        JobSpec(input="a").validate()
+
+
+def test_flags_override_the_file(tmp_path):
+    spec = load_spec(write(tmp_path, 'input = "a"\noutput = "b"\nbatch_size = 8\n[schedule]\ncron = "0 1 * * *"\n'))
+    merged = merge(spec, {"batch_size": 2, "workers": None, "schedule_cron": "0 3 * * *"})
+    assert merged.batch_size == 2 and merged.workers == 1 and merged.schedule.cron == "0 3 * * *"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "in", "out", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["run", "in", "out", "--precision", "fp8"], "Invalid value for '--precision'"),
+    (["run", "in", "out", "--model", "drn_x"], "Invalid value for '--model': 'drn_x' is not one of drn_a_18"),
+    (["run", "in", "out", "--tta-scales", "a,b"], "Invalid value for '--tta-scales': 'a,b': expected numbers"),
+    (["run", "in", "out", "--max-error-rate", "2"], "Invalid value for '--max-error-rate'"),
+    (["run", "in"], "output: missing: give OUTPUT on the command line or `output = ...`"),
+    (["run", "--job", "nope.toml"], "Invalid value for '--job': File 'nope.toml' does not exist."),
+    (["run", "in", "out", "--overwrite", "--retry-errors"], "overwrite: cannot be combined with retry_errors"),
+])
+def test_bad_options_are_usage_errors(cli_runner, args, message):
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_job_file_errors_are_usage_errors(cli_runner, tmp_path):
+    job = write(tmp_path, 'input = "a"\noutput = "b"\nworkerz = 2\n')
+    result = cli_runner.invoke(cli, ["run", "--job", str(job)])
+    assert result.exit_code == 2
+    assert f"{job}: unknown key 'workerz' (did you mean workers?)" in result.output
