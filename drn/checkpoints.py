@@ -312,6 +312,9 @@ def load_checkpoint(source: str | os.PathLike, *, cache_dir: str | os.PathLike |
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights only load failed" in first_line.lower():
+            # torch's own advice is to load unsafely; never pass that on.
+            first_line = "it holds Python objects other than tensors"
         raise CheckpointError(
             f"{text}: cannot be read with torch.load(weights_only=True) ({first_line}); "
             "it must be a PyTorch file holding tensors and plain containers only"

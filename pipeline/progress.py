@@ -123,7 +123,8 @@ class ProgressReporter:
             if snap:
                 p.labelled_ok, p.labelled_errors = snap["labelled_ok"], snap["labelled_errors"]
                 p.committed_ok, p.committed_errors = snap["committed_ok"], snap["committed_errors"]
-                p.labelled = p.labelled_ok + p.labelled_errors
+                # A batch retried after a worker died is reported twice; rows are committed once.
+                p.labelled = min(p.labelled_ok + p.labelled_errors, p.total) if p.total else 0
                 p.committed = p.committed_ok + p.committed_errors
                 if snap["first_t"] and p.labelled:
                     # rate since the first image came out of the model (start-up excluded)

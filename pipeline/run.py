@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import sys
 import time
@@ -97,8 +98,10 @@ def describe_model(spec: JobSpec):
         model = drn.create_model(spec.model, weights=spec.weights, classes=spec.classes,
                                  num_classes=spec.num_classes, task="segment")
     except Exception as exc:
+        # The library speaks Python; the CLI user needs the option to change.
+        message = re.sub(r"use create_model\('([\w]+)', \.\.\.\)", r"use --model \1", str(exc))
         raise JobError(f"cannot build model {spec.model}"
-                       f"{' from ' + spec.weights if spec.weights else ''}: {exc}") from None
+                       f"{' from ' + spec.weights if spec.weights else ''}: {message}") from None
     cfg = model.drn_config
     label_set = cfg.label_set
     n = cfg.num_classes

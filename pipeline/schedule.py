@@ -62,6 +62,8 @@ def _toml_value(value: Any) -> str:
         # "$" and "`" are escaped as well, so the text survives any shell it passes through.
         text = json.dumps(value, ensure_ascii=False)
         return text.replace("\x7f", "\\u007f").replace("$", "\\u0024").replace("`", "\\u0060")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")
 
 
