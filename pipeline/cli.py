@@ -219,6 +219,11 @@ from pipeline.demo import demo  # noqa: E402
 
 cli.add_command(bench)
 cli.add_command(demo)
+from pipeline.trust_cli import eval_command, synth, train  # noqa: E402
+
+cli.add_command(synth)
+cli.add_command(train)
+cli.add_command(eval_command)
 
 
 def main() -> None:
