@@ -1,0 +1,535 @@
+"""Train or fine-tune a DRN segmentation model on a folder of images and masks.
+
+The folder is the layout ``pipeline.synth`` writes, which is also what users produce
+from their own labels::
+
+    DATA/images/<id>.<png|jpg|...>   RGB images
+    DATA/masks/<id>.png              one channel, class index per pixel, 255 = ignore
+    DATA/classes.json                {"classes": [...], "palette", "mean", "std"} (optional
+                                     when ``classes=`` is given)
+
+Recipe (the authors' ``segment.py``): random scale in [0.5, 2] (bilinear image, nearest
+mask), random crop to ``size`` padding the mask with the ignore index (the image with
+its mean colour), horizontal flip, normalisation with the label set's mean/std
+(measured on the training images when the classes file has none, and stored in the
+checkpoint), SGD with momentum and weight decay, the "poly" schedule
+``lr * (1 - iteration / max_iterations) ** 0.9`` applied every iteration, and
+cross-entropy that skips the ignore index.
+
+Files: ``out`` is the project's checkpoint (``drn.save_checkpoint``, with the label set),
+rewritten after every epoch so it is usable at any time; ``<out>.state`` holds what
+resuming needs (model, optimizer, epoch, history), written atomically after every
+epoch. When training finishes the state shrinks to a record of the run (no tensors), so
+calling ``train`` again with the same arguments does nothing, and with more epochs it
+continues from ``out`` with fresh momentum.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.metrics import ConfusionMatrix
+
+if TYPE_CHECKING:
+    import drn
+
+STATE_FORMAT = "drn-label-train/1"
+HEAD_INIT_STD = 0.01
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int  # 1-based
+    loss: float  # mean training loss over the epoch's batches
+    lr: float  # learning rate at the epoch's last iteration
+    seconds: float
+    images_per_second: float
+    val_miou: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path
+    arch: str
+    epochs: int  # epochs completed in total (this call and the ones it resumed)
+    iterations: int
+    resumed_from: int  # epochs already done when this call started
+    seconds: float  # training time of this call
+    label_set: "drn.LabelSet"  # the label set stored in the checkpoint
+    history: tuple[EpochStats, ...]
+
+    @property
+    def loss(self) -> float | None:
+        return self.history[-1].loss if self.history else None
+
+    @property
+    def val_miou(self) -> float | None:
+        return self.history[-1].val_miou if self.history else None
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def list_samples(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs of ``DATA/images`` and ``DATA/masks``, matched by file stem."""
+    root = Path(data_dir)
+    images_dir, masks_dir = root / "images", root / "masks"
+    for d in (images_dir, masks_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"training data {root}: no {d.name}/ folder (expected images/ and masks/)")
+    images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"training data {root}: no images in {images_dir}")
+    pairs, missing = [], []
+    for image in images:
+        mask = (masks_dir / image.relative_to(images_dir)).with_suffix(".png")
+        (pairs.append((image, mask)) if mask.is_file() else missing.append(image.name))
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise FileNotFoundError(f"training data {root}: {len(missing)} images have no mask in "
+                                f"{masks_dir} ({shown}); masks are <stem>.png")
+    return pairs
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"image {path}: not a decodable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None or mask.ndim != 2:
+        raise ValueError(f"mask {path}: expected a one-channel PNG of class indices")
+    bad = (mask >= num_classes) & (mask != ignore_index)
+    if bad.any():
+        raise ValueError(f"mask {path}: class index {int(mask[bad].max())} but the label set has "
+                         f"{num_classes} classes (0..{num_classes - 1}, {ignore_index} = ignore)")
+    return mask
+
+
+def measure_mean_std(images: Sequence[Path]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of RGB values in [0, 1] over all pixels of ``images``."""
+    total = np.zeros(3)
+    square = np.zeros(3)
+    count = 0
+    for path in images:
+        pixels = read_rgb(path).reshape(-1, 3).astype(np.float64) / 255.0
+        total += pixels.sum(0)
+        square += (pixels**2).sum(0)
+        count += len(pixels)
+    mean = total / count
+    std = np.sqrt(np.maximum(square / count - mean**2, 1e-12))
+    return tuple(round(float(v), 5) for v in mean), tuple(round(float(v), 5) for v in std)
+
+
+class SegmentationFolder(torch.utils.data.Dataset):
+    """Augmented crops: random scale, random crop (pad with ignore), horizontal flip.
+
+    Sample ``i`` of epoch ``e`` draws its randomness from ``(seed, e, i)`` only, so an
+    epoch is the same whatever the number of workers, and a resumed run repeats it.
+    """
+
+    def __init__(self, pairs, *, size, mean, std, num_classes, ignore_index=255,
+                 scale_range=(0.5, 2.0), flip=True, seed=0) -> None:
+        self.pairs = list(pairs)
+        self.size = int(size)
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.scale_range = scale_range
+        self.flip = flip
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_path, mask_path = self.pairs[index]
+        image = read_rgb(image_path)
+        mask = read_mask(mask_path, self.num_classes, self.ignore_index)
+        if image.shape[:2] != mask.shape:
+            raise ValueError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its "
+                             f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image, mask = augment(rng, image, mask, size=self.size, fill=self.mean * 255,
+                              ignore_index=self.ignore_index, scale_range=self.scale_range,
+                              flip=self.flip)
+        x = (image.astype(np.float32) / 255.0 - self.mean) / self.std
+        return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(mask.astype(np.int64))
+
+
+def augment(rng, image, mask, *, size, fill, ignore_index=255, scale_range=(0.5, 2.0), flip=True):
+    """Random scale, random crop/pad to ``size`` x ``size``, random horizontal flip."""
+    low, high = scale_range
+    if (low, high) != (1.0, 1.0):
+        ratio = rng.uniform(low, high)
+        h, w = mask.shape
+        nh, nw = max(1, round(h * ratio)), max(1, round(w * ratio))
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        mask = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
+    h, w = mask.shape
+    if h < size or w < size:
+        ph, pw = max(size - h, 0), max(size - w, 0)
+        top, left = int(rng.integers(0, ph + 1)), int(rng.integers(0, pw + 1))
+        canvas = np.empty((h + ph, w + pw, 3), np.uint8)
+        canvas[:] = np.asarray(fill, np.float32).round().astype(np.uint8)
+        canvas[top:top + h, left:left + w] = image
+        padded = np.full((h + ph, w + pw), ignore_index, mask.dtype)
+        padded[top:top + h, left:left + w] = mask
+        image, mask, (h, w) = canvas, padded, (h + ph, w + pw)
+    y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    image, mask = image[y:y + size, x:x + size], mask[y:y + size, x:x + size]
+    if flip and rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Label set and model
+
+
+def resolve_label_set(data_dir: Path, classes, pairs, log: Callable[[str], None]):
+    """``classes`` (preset, LabelSet or file) if given, else ``DATA/classes.json``; mean/std
+    measured on the training images when the file does not give them."""
+    import drn
+
+    if classes is None:
+        classes = data_dir / "classes.json"
+        if not classes.is_file():
+            raise FileNotFoundError(f"training data {data_dir}: no classes.json; pass classes= "
+                                    "(a label file or preset) to say what the mask values mean")
+    label_set = drn.load_label_set(classes)
+    given = isinstance(classes, drn.LabelSet) or str(classes) in drn.list_presets()
+    if not given:
+        path = Path(classes)
+        data = json.loads(path.read_text()) if path.suffix.lower() == ".json" else {}
+        given = bool(data.get("mean")) and bool(data.get("std"))
+    if not given:
+        mean, std = measure_mean_std([image for image, _ in pairs])
+        log(f"mean/std not given: measured on {len(pairs)} training images: mean {list(mean)} std {list(std)}")
+        label_set = dataclasses.replace(label_set, mean=mean, std=std)
+    return label_set
+
+
+def build_model(arch: str, label_set, *, init, seed: int, log: Callable[[str], None]):
+    """A DRNSeg for ``label_set``; ``init`` fills it from a checkpoint: all of it when the
+    checkpoint is a DRNSeg of the same classes, else its backbone (an ImageNet classifier,
+    or a DRNSeg of other classes whose head is dropped)."""
+    import drn
+
+    if init is None:
+        return _small_head(drn.create_model(arch, classes=label_set, seed=seed))
+    checkpoint = drn.load_checkpoint(init)
+    if checkpoint.task == "segment" and checkpoint.num_classes != label_set.num_classes:
+        if checkpoint.arch is not None and checkpoint.arch != arch:
+            raise drn.CheckpointError(f"{init}: the checkpoint holds {checkpoint.arch}, not {arch}")
+        model = drn.create_model(arch, classes=label_set, seed=seed)
+        base = {k[len("base."):]: v for k, v in checkpoint.state_dict.items() if k.startswith("base.")}
+        try:
+            model.base.load_state_dict(base, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise drn.CheckpointError(f"{init}: its backbone does not fit {arch} ({first})") from None
+        log(f"init: backbone of {init}; its {checkpoint.num_classes}-class head is replaced by a "
+            f"new {label_set.num_classes}-class one")
+        return _small_head(model)
+    model = drn.create_model(arch, classes=label_set, weights=checkpoint, seed=seed)
+    log(f"init: {'all' if checkpoint.task == 'segment' else 'backbone'} weights from {init}")
+    return model if checkpoint.task == "segment" else _small_head(model)
+
+
+def _small_head(model):
+    """Start a new ``seg`` head near zero. The authors' N(0, sqrt(2 / C)) on 512 features
+    gives logits in the tens (a first loss near 10), and SGD spends the first epoch
+    shrinking them; near-zero logits start at ln(C) and learn from the first batch."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        weight = torch.randn(model.seg.weight.shape, generator=generator) * HEAD_INIT_STD
+        model.seg.weight.copy_(weight)
+        model.seg.bias.zero_()
+    return model
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 0.9) -> float:
+    """The authors' schedule: ``base_lr * (1 - iteration / max_iterations) ** power``."""
+    return base_lr * max(0.0, 1.0 - iteration / max_iterations) ** power
+
+
+def state_path(out: str | os.PathLike) -> Path:
+    """Where the training state of checkpoint ``out`` lives."""
+    out = Path(out)
+    return out.with_name(out.name + ".state")
+
+
+def train(
+    data_dir: str | os.PathLike,
+    *,
+    arch: str,
+    out: str | os.PathLike,
+    epochs: int = 10,
+    batch_size: int = 8,
+    size: int = 64,
+    init: str | os.PathLike | None = None,
+    classes=None,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    seed: int = 0,
+    workers: int = 0,
+    device: str = "auto",
+    val_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+    resume: bool = True,
+) -> TrainResult:
+    """Train ``arch`` on ``data_dir`` and write the checkpoint ``out`` (see module doc).
+
+    ``resume=True`` continues from ``<out>.state`` when it exists (same architecture and
+    classes required); ``resume=False`` starts over and overwrites ``out``.
+    ``val_dir`` (same layout) is scored after every epoch at full image size (mIoU in
+    the progress line and the history).
+    """
+    import drn
+
+    data_dir, out = Path(data_dir), Path(out)
+    if epochs < 1 or batch_size < 1 or size < 8:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1 and size >= 8; got {epochs}, {batch_size}, {size}")
+    pairs = list_samples(data_dir)
+    device_ = pick_device(device)
+    state_file = state_path(out)
+    state = _load_state(state_file, device_) if resume and state_file.is_file() else None
+    if resume and state is None and out.exists():
+        raise FileExistsError(f"{out} exists but has no training state ({state_file.name}) to resume "
+                              "from; pass resume=False to overwrite it, or choose another out")
+
+    if state is not None:
+        label_set = drn.LabelSet.from_dict(state["label_set"])
+        if state["arch"] != arch:
+            raise ValueError(f"{state_file}: resuming a {state['arch']} run, but arch={arch} was asked "
+                             "for; pass resume=False to start over")
+    else:
+        label_set = resolve_label_set(data_dir, classes, pairs, log)
+
+    # Model: fresh (or from init), or the saved run's weights.
+    if state is None:
+        model = build_model(arch, label_set, init=init, seed=seed, log=log)
+    else:
+        model = drn.create_model(arch, classes=label_set, seed=seed)
+        weights = state.get("model")
+        if weights is None:  # a finished run: its weights are in the checkpoint
+            checkpoint = drn.load_checkpoint(out)
+            if checkpoint.sha256 != state["checkpoint_sha256"]:
+                raise ValueError(f"{out} is not the checkpoint its finished training state records "
+                                 "(changed since?); pass resume=False to start over")
+            weights = checkpoint.state_dict
+        model.load_state_dict(weights)
+    model.to(device_).train()
+
+    params = [p for p in model.parameters() if p.requires_grad]  # the bilinear `up` stays fixed
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    done = 0
+    history: list[EpochStats] = []
+    settings = {"batch_size": batch_size, "size": size, "lr": lr, "momentum": momentum,
+                "weight_decay": weight_decay, "scale_range": list(scale_range), "seed": seed}
+    if state is not None:
+        done = int(state["epoch"])
+        history = [EpochStats(**h) for h in state["history"]]
+        changed = [f"{k} {v} -> {settings[k]}" for k, v in (state.get("settings") or {}).items()
+                   if k in settings and v != settings[k]]
+        if changed:
+            log(f"resuming with other settings than the saved run: {', '.join(changed)}")
+        if state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        elif done < epochs:
+            log(f"resuming a finished run of {done} epochs: optimizer momentum starts afresh")
+        if done >= epochs:
+            log(f"{out}: already trained for {done} epochs (asked for {epochs}); nothing to do")
+            return TrainResult(out, arch, done, int(state["iteration"]), done, 0.0, label_set, tuple(history))
+        log(f"resuming {out} after epoch {done}/{epochs}")
+
+    dataset = SegmentationFolder(
+        pairs, size=size, mean=label_set.mean, std=label_set.std, num_classes=label_set.num_classes,
+        ignore_index=label_set.ignore_index, scale_range=scale_range, seed=seed,
+    )
+    batch = min(batch_size, len(dataset))
+    iters_per_epoch = len(dataset) // batch  # drop the last partial batch (BatchNorm)
+    max_iterations = epochs * iters_per_epoch
+    iteration = done * iters_per_epoch
+    val_pairs = list_samples(val_dir) if val_dir is not None else None
+    log(f"training {arch} on {len(dataset)} images of {data_dir} ({label_set.num_classes} classes), "
+        f"crops {size}px, batch {batch}, {iters_per_epoch} iterations/epoch, on {device_}")
+
+    started = time.perf_counter()
+    for epoch in range(done, epochs):
+        dataset.set_epoch(epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
+        batches = [order[i * batch:(i + 1) * batch].tolist() for i in range(iters_per_epoch)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+        model.train()
+        t0 = time.perf_counter()
+        losses = []
+        current_lr = lr
+        for images, targets in loader:
+            current_lr = poly_lr(lr, iteration, max_iterations)
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+            images, targets = images.to(device_, non_blocking=True), targets.to(device_, non_blocking=True)
+            logits = model(images)
+            if not (targets != label_set.ignore_index).any():
+                iteration += 1  # nothing labelled in this batch (all padding/ignore)
+                continue
+            loss = F.cross_entropy(logits, targets, ignore_index=label_set.ignore_index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            iteration += 1
+        seconds = time.perf_counter() - t0
+        if not losses:
+            raise ValueError(f"epoch {epoch + 1}: no batch had a labelled pixel (masks all {label_set.ignore_index}?)")
+        mean_loss = float(np.mean(losses))
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"epoch {epoch + 1}: the loss is {mean_loss}; lower lr (now {lr})")
+        val_miou = None
+        if val_pairs is not None:
+            val_miou = evaluate_pairs(model, val_pairs, label_set, device_).miou()
+            model.train()
+        stats = EpochStats(epoch + 1, mean_loss, current_lr, seconds,
+                           iters_per_epoch * batch / seconds if seconds > 0 else math.nan, val_miou)
+        history.append(stats)
+        finished = epoch + 1 == epochs
+        _save(model, optimizer, out, state_file, label_set, arch, settings, stats.epoch, iteration,
+              history, finished)
+        log(f"epoch {stats.epoch}/{epochs}  loss {stats.loss:.4f}  lr {stats.lr:.5f}  "
+            f"{stats.seconds:.1f}s  {stats.images_per_second:.1f} images/s"
+            + (f"  val mIoU {val_miou:.4f}" if val_miou is not None else ""))
+    model.eval()
+    return TrainResult(out, arch, epochs, iteration, done, time.perf_counter() - started,
+                       label_set, tuple(history))
+
+
+def _save(model, optimizer, out, state_file, label_set, arch, settings, epoch, iteration, history,
+          finished):
+    """Checkpoint (the project's format) and training state, both atomically."""
+    from drn import save_checkpoint
+
+    model.eval()
+    record = {
+        "format": STATE_FORMAT,
+        "arch": arch,
+        "settings": settings,
+        "label_set": label_set.to_dict(),
+        "epoch": epoch,
+        "iteration": iteration,
+        "history": [dataclasses.asdict(h) for h in history],
+    }
+    if finished:
+        # Checkpoint first, then a small record that names it: the run is complete.
+        save_checkpoint(model, out)
+        record.update(model=None, optimizer=None, checkpoint_sha256=_file_sha256(out))
+        _atomic_torch_save(record, state_file)
+    else:
+        # State first (self-contained), then the checkpoint: a crash between the two loses
+        # nothing, the next run resumes from the state and rewrites the checkpoint.
+        record.update(
+            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            optimizer=_to_cpu(optimizer.state_dict()),
+        )
+        _atomic_torch_save(record, state_file)
+        save_checkpoint(model, out)
+    model.train()
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of the file's bytes: what ``drn.load_checkpoint`` reports as ``sha256``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")  # created with the umask's mode
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _load_state(path: Path, device: torch.device) -> dict:
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: not a drn-label training state ({STATE_FORMAT}); delete it to start over")
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring during training
+
+
+@torch.no_grad()
+def predict_mask(model, image: np.ndarray, label_set, device: torch.device) -> np.ndarray:
+    """Arg-max mask of one RGB uint8 image at its own size."""
+    mean = torch.tensor(label_set.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(label_set.std, device=device).view(1, 3, 1, 1)
+    x = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float() / 255.0
+    logits = model((x - mean) / std)
+    return logits.argmax(1)[0].to(torch.uint8 if label_set.num_classes <= 256 else torch.int32).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs, label_set, device: torch.device) -> ConfusionMatrix:
+    """One confusion matrix over ``pairs`` (image path, mask path), full-size images."""
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(label_set.num_classes, label_set.ignore_index)
+    for image_path, mask_path in pairs:
+        gt = read_mask(mask_path, label_set.num_classes, label_set.ignore_index)
+        cm.update(predict_mask(model, read_rgb(image_path), label_set, device), gt)
+    model.train(was_training)
+    return cm
