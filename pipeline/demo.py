@@ -15,9 +15,9 @@ import click
 
 # Training recipe measured on a 2-core CPU (see docs/benchmarks.md): a few minutes.
 DEMO_ARCH = "drn_d_22"
-DEMO_TRAIN = {"count": 300, "size": 96, "seed": 0}
-DEMO_SAMPLES = {"size": 160, "seed": 1}
-DEMO_FIT = {"epochs": 8, "batch_size": 8, "size": 96, "lr": 0.01}
+DEMO_TRAIN = {"count": 300, "size": 128, "seed": 0}
+DEMO_SAMPLES = {"size": 128, "seed": 1}
+DEMO_FIT = {"epochs": 20, "batch_size": 8, "size": 64, "lr": 0.05, "scale_range": (0.5, 1.5)}
 
 
 def ensure_checkpoint(root: Path, echo=click.echo) -> Path:

@@ -302,8 +302,11 @@ def ensure_ray(address: str | None) -> bool:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {k: v for k, v in os.environ.items()
-                                if k.startswith(("AWS_", "DRN_LABEL_"))}}
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "DRN_LABEL_"))}
+    # Predict actors share the CPUs with decode and write tasks: idle OpenMP threads must
+    # sleep, not spin (spinning threads slowed CPU inference many times over under load).
+    env_vars.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    runtime_env = {"env_vars": env_vars}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
                  logging_level=logging.WARNING)

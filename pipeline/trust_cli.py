@@ -37,12 +37,15 @@ def synth(directory: Path, count: int, size: int, seed: int, num_classes: int) -
 @click.option("--init", default=None, help="Start from the authors' ImageNet or DRNSeg checkpoint.")
 @click.option("--classes", default=None, help="Preset or classes file when DATA has no classes.json.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
+@click.option("--scale-range", default="0.5,2", show_default=True,
+              help="Random scale augmentation, MIN,MAX (the authors used 0.5,2).")
 @click.option("--val", "val_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A held-out set (same layout) scored after every epoch.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--restart", is_flag=True, help="Start over instead of resuming from OUT's training state.")
-def train(data, arch, out, epochs, batch_size, size, init, classes, lr, val_dir, seed, device, restart) -> None:
+def train(data, arch, out, epochs, batch_size, size, init, classes, lr, scale_range, val_dir, seed, device,
+          restart) -> None:
     """Train or fine-tune a DRN segmentation model on DATA (images/ + masks/ [+ classes.json]).
 
     The authors' recipe: random scale 0.5-2, crop, flip, SGD with the poly schedule,
@@ -56,8 +59,14 @@ def train(data, arch, out, epochs, batch_size, size, init, classes, lr, val_dir,
         raise click.BadParameter(f"{arch!r} is not one of {', '.join(drn.list_models())}",
                                  param_hint="'--model'")
     try:
+        lo, hi = (float(v) for v in scale_range.split(","))
+        assert 0 < lo <= hi
+    except (ValueError, AssertionError):
+        raise click.BadParameter(f"{scale_range!r}: expected MIN,MAX with 0 < MIN <= MAX, e.g. 0.5,2",
+                                 param_hint="'--scale-range'") from None
+    try:
         result = train_fn(data, arch=arch, out=out, epochs=epochs, batch_size=batch_size, size=size,
-                          init=init, classes=classes, lr=lr, seed=seed, device=device,
+                          init=init, classes=classes, lr=lr, scale_range=(lo, hi), seed=seed, device=device,
                           val_dir=val_dir, resume=not restart, log=click.echo)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -11,6 +11,9 @@ pytest_plugins = ["tests.s3server"]
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Before torch is imported: idle OpenMP threads sleep instead of spinning, which on 2 shared
+# cores (Ray workers beside the test process) is the difference between 50 and 2 images/s.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
