@@ -281,25 +281,16 @@ def evaluate_output(
 
 
 def _data_files(output_uri: str):
-    """(filesystem, committed Parquet files): ``**/*.parquet``, skipping ``_``/``.`` names."""
+    """OUTPUT's filesystem and committed data files (the same rules as every reader)."""
+    from pipeline.output import data_files
+    from pipeline.sources import resolve
+
+    fs, root = resolve(output_uri)
     import pyarrow.fs as pafs
 
-    if "://" in output_uri:
-        fs, root = pafs.FileSystem.from_uri(output_uri)
-    else:
-        fs, root = pafs.LocalFileSystem(), os.path.abspath(output_uri)
-    root = root.rstrip("/")
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"output {output_uri}: not a directory")
-    files = []
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        rel = info.path[len(root):].lstrip("/")
-        if info.type != pafs.FileType.File or not rel.endswith(".parquet"):
-            continue
-        if any(part.startswith(("_", ".")) for part in rel.split("/")):
-            continue
-        files.append(info.path)
-    return fs, sorted(files)
+    return fs, data_files(output_uri)
 
 
 def _identities(dataset) -> set[tuple[str | None, str | None]]:
