@@ -135,7 +135,7 @@ class RowIdentity:
     weights_sha256: str
     run_id: str
     num_classes: int
-    png_compression: int = 1
+    png_compression: int = 4
 
 
 def encode_batch(batch: pa.Table, *, identity: RowIdentity) -> pa.Table:
