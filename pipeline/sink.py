@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import uuid
 from typing import Iterable
@@ -63,8 +64,31 @@ def write_table_atomic(output: str, name: str, table: pa.Table) -> str:
         pq.write_table(table, tmp, filesystem=fs, compression="zstd")
         fs.move(tmp, final)
     else:
-        pq.write_table(table, final, filesystem=fs, compression="zstd")
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression="zstd")
+        put_object(fs, final, buf.getvalue().to_pybytes())
     return final
+
+
+def put_object(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """One PutObject: the object appears whole or not at all.
+
+    pyarrow's S3 output stream always goes through a multipart upload, whose completion
+    some S3-compatible servers reject; a Parquet file or side file is written once, whole,
+    so a single PUT (up to 5 GiB) is both simpler and atomic. boto3 reads the endpoint
+    (AWS_ENDPOINT_URL_S3), region and credentials from the environment as pyarrow does.
+    """
+    if fs.type_name != "s3":
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    import boto3
+
+    bucket, _, key = path.partition("/")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    boto3.client("s3", region_name=region, endpoint_url=endpoint).put_object(
+        Bucket=bucket, Key=key, Body=data)
 
 
 def write_bytes_atomic(output: str, name: str, data: bytes) -> None:
@@ -79,8 +103,7 @@ def write_bytes_atomic(output: str, name: str, data: bytes) -> None:
             f.write(data)
         fs.move(tmp, final)
     else:
-        with fs.open_output_stream(final) as f:
-            f.write(data)
+        put_object(fs, final, data)
 
 
 def read_bytes_or_none(output: str, name: str) -> bytes | None:
