@@ -201,3 +201,24 @@ def test_s3_round_trip_input_and_output(tmp_path, ray_session, s3_server, cli_ru
     # Resume on S3: the same command labels nothing twice.
     res = cli_runner.invoke(cli, args)
     assert res.exit_code == 0 and "0 ok, 0 errors, 5 already labelled" in res.output, res.output
+
+
+def test_max_error_rate_exits_3_after_writing_every_row(tmp_path, ray_session, cli_runner):
+    import cv2
+
+    from tests.imagegen import scene
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(src / f"good{i}.png"), scene(32, 40, i))
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "text.png").write_text("not a picture")
+    out = tmp_path / "out"
+    res = cli_runner.invoke(cli, ["run", str(src), str(out), "--num-classes", "3",
+                                  "--max-error-rate", "0.25"])
+    assert res.exit_code == 3, res.output
+    assert "finished: 2 ok, 2 errors" in res.output
+    assert "error: 2 of 4 images failed, more than --max-error-rate 0.25" in res.output
+    assert pq.read_table(data_files(str(out))).num_rows == 4  # nothing lost: every row written
+    assert "labels will be meaningless" in res.output  # no weights: the warning says so
