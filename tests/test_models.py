@@ -36,13 +36,7 @@ LAYERS = {
 BOTTLENECK = {"drn_a_50", "drn_a_101", "drn_a_152", "drn_c_58", "drn_d_54", "drn_d_56", "drn_d_105", "drn_d_107"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # These models are tiny at 37 x 53; on shared cores extra intra-op threads only spin.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
