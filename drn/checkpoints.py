@@ -163,7 +163,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DRN_LABEL_CACHE") or Path.home() / ".cache" / "drn-label")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes (what `load_checkpoint` reports as ``sha256``)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -184,7 +185,7 @@ def _download(url: str, cache_dir: Path) -> Path:
     if expected is None:
         folder = folder / hashlib.sha256(url.encode()).hexdigest()[:16]
     dest = folder / file_name
-    if dest.is_file() and (expected is None or _sha256_file(dest).startswith(expected)):
+    if dest.is_file() and (expected is None or sha256_file(dest).startswith(expected)):
         return dest
     folder.mkdir(parents=True, exist_ok=True)
     part = folder / f".{file_name}.{os.getpid()}.{uuid.uuid4().hex}.part"
@@ -330,7 +331,7 @@ def load_checkpoint(source: str | os.PathLike, *, cache_dir: str | os.PathLike |
     return Checkpoint(
         state_dict=state_dict,
         meta=meta,
-        sha256=_sha256_file(path),
+        sha256=sha256_file(path),
         source=text,
         layout=_layout(state_dict, own),
     )

@@ -73,6 +73,24 @@ class ProgressCounter:
                     first_t=self.first_t, first_n=self.first_n, last_t=self.last_t)
 
 
+_counters: dict[str, object] = {}
+
+
+def counter(name: str | None):
+    """The run's progress actor by name, looked up once per worker process (None if absent)."""
+    if not name:
+        return None
+    handle = _counters.get(name)
+    if handle is None:
+        import ray
+
+        try:
+            handle = _counters[name] = ray.get_actor(name, namespace="drn_label")
+        except Exception:  # noqa: BLE001 - progress must never fail the work it reports
+            return None
+    return handle
+
+
 def start_counter_actor(name: str):
     import ray
 

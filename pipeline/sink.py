@@ -162,12 +162,12 @@ def make_datasink(output: str, *, run_id: str, schema: pa.Schema, rows_per_file:
 
 
 def _report_committed(actor_name: str | None, stats: dict) -> None:
-    if not actor_name:
+    from pipeline.progress import counter
+
+    handle = counter(actor_name)
+    if handle is None:
         return
     try:
-        import ray
-
-        ray.get_actor(actor_name, namespace="drn_label").add_committed.remote(
-            stats["ok"], stats["errors"])
+        handle.add_committed.remote(stats["ok"], stats["errors"])
     except Exception:  # noqa: BLE001 - progress must never fail a write
         pass

@@ -175,21 +175,15 @@ def encode_batch(batch: pa.Table, *, identity: RowIdentity) -> pa.Table:
     return table
 
 
-_progress_handles: dict[str, object] = {}
-
-
 def report_progress(actor_name: str | None, table: pa.Table) -> None:
     """Tell the run's progress actor about labelled rows (fire and forget)."""
-    if not actor_name:
-        return
-    try:
-        import ray
+    from pipeline.progress import counter
 
-        handle = _progress_handles.get(actor_name)
-        if handle is None:
-            handle = ray.get_actor(actor_name, namespace="drn_label")
-            _progress_handles[actor_name] = handle
-        errors = sum(1 for s in table.column("status").to_pylist() if s != "ok")
+    handle = counter(actor_name)
+    if handle is None:
+        return
+    errors = sum(1 for s in table.column("status").to_pylist() if s != "ok")
+    try:
         handle.add_labelled.remote(table.num_rows - errors, errors, time.time())
     except Exception:  # noqa: BLE001 - progress must never fail a batch
         pass

@@ -444,6 +444,7 @@ def _save(model, optimizer, out, state_file, label_set, arch, settings, epoch, i
           finished):
     """Checkpoint (the project's format) and training state, both atomically."""
     from drn import save_checkpoint
+    from drn.checkpoints import sha256_file
 
     model.eval()
     record = {
@@ -458,7 +459,7 @@ def _save(model, optimizer, out, state_file, label_set, arch, settings, epoch, i
     if finished:
         # Checkpoint first, then a small record that names it: the run is complete.
         save_checkpoint(model, out)
-        record.update(model=None, optimizer=None, checkpoint_sha256=_file_sha256(out))
+        record.update(model=None, optimizer=None, checkpoint_sha256=sha256_file(out))
         _atomic_torch_save(record, state_file)
     else:
         # State first (self-contained), then the checkpoint: a crash between the two loses
@@ -470,15 +471,6 @@ def _save(model, optimizer, out, state_file, label_set, arch, settings, epoch, i
         _atomic_torch_save(record, state_file)
         save_checkpoint(model, out)
     model.train()
-
-
-def _file_sha256(path: Path) -> str:
-    """sha256 of the file's bytes: what ``drn.load_checkpoint`` reports as ``sha256``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _to_cpu(obj):
