@@ -28,12 +28,13 @@ __all__ = [
     "save_checkpoint",
     "Checkpoint",
     "CheckpointError",
+    "ConfusionMatrix",
 ]
 
 # public name -> submodule that defines it
 _EXPORTS = {
-    "list_models": "registry",
-    "model_info": "registry",
+    "list_models": "catalog",
+    "model_info": "catalog",
     "register_model": "registry",
     "ModelInfo": "registry",
     "create_model": "factory",
@@ -46,13 +47,16 @@ _EXPORTS = {
     "save_checkpoint": "checkpoints",
     "Checkpoint": "checkpoints",
     "CheckpointError": "checkpoints",
+    "ConfusionMatrix": "metrics",
 }
 
 if TYPE_CHECKING:
+    from drn.catalog import list_models, model_info
     from drn.checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
     from drn.factory import ModelConfig, create_model
     from drn.labels import LabelSet, get_preset, list_presets, load_label_set
-    from drn.registry import ModelInfo, list_models, model_info, register_model
+    from drn.metrics import ConfusionMatrix
+    from drn.registry import ModelInfo, register_model
 
 
 def __getattr__(name: str) -> Any:

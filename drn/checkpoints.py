@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.client
 import logging
 import os
 import re
-import tempfile
+import socket
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,9 +38,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.hub
 from torch import nn
 
+from drn.catalog import get_builder, list_models
+from drn.io import atomic_write
 from drn.labels import LabelSet, get_preset
+from drn.seg import DRNSeg
 
 __all__ = [
     "FORMAT",
@@ -60,7 +66,10 @@ FORMAT = "drn-label/1"
 # Parameters that belong to a head (and so depend on num_classes), not to a backbone.
 HEAD_PREFIXES = ("fc.", "seg.", "up.")
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+# torch.hub.download_url_to_file's hash_prefix failure: 'invalid hash value (expected "..", got "..")'
+_TORCH_HUB_HASH_ERROR = re.compile(r'invalid hash value \(expected "[0-9a-f]*", got "([0-9a-f]+)"\)')
 _SHOWN_KEYS = 5
+DOWNLOAD_TIMEOUT_S = 60.0  # seconds a download may wait for the next bytes
 
 
 class CheckpointError(ValueError):
@@ -172,9 +181,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _show_progress() -> bool:
+    # A progress bar for a person at a terminal; none in logs, pipes and Ray workers.
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
 def _download(url: str, cache_dir: Path) -> Path:
-    """Fetch ``url`` into the cache once; concurrent workers are safe (each writes a
-    private temporary file and renames it into place)."""
+    """Fetch ``url`` into the cache once (``torch.hub.download_url_to_file``, with a
+    progress bar when stderr is a terminal); concurrent workers are safe (each downloads
+    into a private temporary file and renames it into place)."""
     file_name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
     if not file_name:
         raise CheckpointError(f"{url}: the URL names no file; point it at a .pth file")
@@ -189,21 +207,28 @@ def _download(url: str, cache_dir: Path) -> Path:
         return dest
     folder.mkdir(parents=True, exist_ok=True)
     part = folder / f".{file_name}.{os.getpid()}.{uuid.uuid4().hex}.part"
-    digest = hashlib.sha256()
     try:
         logger.info("downloading %s to %s", url, dest)
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                digest.update(chunk)
-                out.write(chunk)
-        got = digest.hexdigest()
-        if expected is not None and not got.startswith(expected):
-            raise CheckpointError(
-                f"{url}: sha256 mismatch: expected {expected}... (from the file name) but got "
-                f"{got}; the download is corrupt or the file changed: retry, or check the URL"
-            )
+        # torch.hub streams into its own temporary file next to `part`, checks the sha256
+        # prefix, then moves it to `part`; the rename below puts the whole file in place.
+        # torch.hub takes no timeout: bound every socket read of the download instead, so a
+        # stalled server fails the call rather than hanging it.
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            torch.hub.download_url_to_file(url, str(part), hash_prefix=expected, progress=_show_progress())
+        finally:
+            socket.setdefaulttimeout(previous)
         os.replace(part, dest)
-    except (urllib.error.URLError, OSError) as exc:
+    except RuntimeError as exc:
+        mismatch = _TORCH_HUB_HASH_ERROR.search(str(exc))
+        if expected is None or mismatch is None:
+            raise
+        raise CheckpointError(
+            f"{url}: sha256 mismatch: expected {expected}... (from the file name) but got "
+            f"{mismatch.group(1)}; the download is corrupt or the file changed: retry, or check the URL"
+        ) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise CheckpointError(
             f"{url}: download failed ({exc}); check the URL and the network, or download "
             "the file yourself and pass its local path"
@@ -341,7 +366,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (built by ``drn.create_model``) in the project's format:
     ``{"format": "drn-label/1", "arch", "task", "num_classes", "label_set",
     "state_dict"}``, so ``create_model(arch, weights=path)`` needs nothing else.
-    The file is written to a temporary name and renamed into place."""
+    The file is written to a temporary name and renamed into place
+    (``drn.io.atomic_write``)."""
     config = getattr(model, "drn_config", None)
     if config is None:
         raise ValueError("save_checkpoint needs a model built by drn.create_model (it has no drn_config)")
@@ -350,18 +376,13 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
         "arch": config.arch,
         "task": config.task,
         "num_classes": config.num_classes,
-        "label_set": config.label_set.to_dict() if config.label_set else None,
+        "label_set": config.label_set.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return path
 
 
@@ -384,9 +405,6 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 def _signatures(arch: str) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """Backbone key -> shape of ``arch`` in both layouts (segmentation ``base.<i>``
     and classifier names), from models built on the meta device."""
-    from drn.registry import get_builder
-    from drn.seg import DRNSeg
-
     builder = get_builder(arch)
     with torch.device("meta"):
         backbone = builder(num_classes=None)
@@ -399,8 +417,6 @@ def _signatures(arch: str) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[
 def guess_architecture(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """Registered architectures whose backbone has exactly the keys and shapes of
     ``state_dict`` (its head ignored), in either layout."""
-    from drn.registry import list_models
-
     body = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith(HEAD_PREFIXES)}
     return [arch for arch in list_models() if body in _signatures(arch)]
 
@@ -435,8 +451,6 @@ def load_into(model: nn.Module, checkpoint: Checkpoint, *, arch: str, copy: bool
     (``assign=True``; copies when ``copy`` is true, so models never share storage
     with a ``Checkpoint`` the caller keeps).
     """
-    from drn.seg import DRNSeg
-
     task = "segment" if isinstance(model, DRNSeg) else "classify"
     source = checkpoint.source
     target = model.state_dict()

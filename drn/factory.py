@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from drn.catalog import get_builder, list_models
 from drn.checkpoints import Checkpoint, CheckpointError, load_checkpoint, load_into, state_dict_sha256
-from drn.labels import IMAGENET_MEAN, IMAGENET_STD, LabelSet, load_label_set
-from drn.registry import get_builder, list_models
+from drn.labels import LabelSet, check_num_classes, load_label_set
 from drn.seg import DRNSeg
 
 __all__ = ["ModelConfig", "create_model", "TASKS"]
@@ -22,7 +22,10 @@ TASKS = ("segment", "classify")
 class ModelConfig:
     """What a built model is; attached as ``model.drn_config``.
 
-    ``weights_sha256`` identifies the weights: the sha256 of the checkpoint file's bytes
+    ``label_set`` is never ``None``: a model given no label set (and whose weights carry
+    none) gets ``LabelSet.default(num_classes)`` (``class_0`` .., a generated palette,
+    ImageNet's mean/std); a ``ModelConfig`` made with ``label_set=None`` fills it in the same
+    way. ``weights_sha256`` identifies the weights: the sha256 of the checkpoint file's bytes
     when the checkpoint supplied every parameter; otherwise (no weights, or a classifier
     checkpoint under a freshly initialised segmentation head) ``"init:"`` followed by
     ``drn.checkpoints.state_dict_sha256`` of the model's state dict (sorted keys; name,
@@ -33,18 +36,23 @@ class ModelConfig:
     arch: str
     task: str
     num_classes: int
-    label_set: LabelSet | None
+    label_set: LabelSet
     weights_sha256: str
     weights_source: str | None
 
+    def __post_init__(self) -> None:
+        if self.label_set is None:
+            object.__setattr__(self, "label_set", LabelSet.default(self.num_classes))
+
     @property
     def mean(self) -> tuple[float, float, float]:
-        """Input normalisation mean: the label set's, else ImageNet's."""
-        return self.label_set.mean if self.label_set else IMAGENET_MEAN
+        """Input normalisation mean (of RGB in [0, 1]): the label set's."""
+        return self.label_set.mean
 
     @property
     def std(self) -> tuple[float, float, float]:
-        return self.label_set.std if self.label_set else IMAGENET_STD
+        """Input normalisation std (of RGB in [0, 1]): the label set's."""
+        return self.label_set.std
 
 
 def _resolve_num_classes(
@@ -89,9 +97,14 @@ def _resolve_num_classes(
             f"{name}: the number of classes is unknown; pass num_classes=, classes= (a preset "
             "such as 'cityscapes', a LabelSet or a label file) or weights that carry them"
         )
-    if resolved < 1:
-        raise ValueError(f"{name}: num_classes must be >= 1, got {resolved}")
-    return resolved
+    return _check_num_classes(name, resolved)
+
+
+def _check_num_classes(name: str, num_classes: int) -> int:
+    try:
+        return check_num_classes(num_classes)  # 1 .. 65,536: what a mask can hold
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def _build(name: str, task: str, num_classes: int, seed: int | None) -> nn.Module:
@@ -130,15 +143,19 @@ def create_model(
       http(s):// URL, release name) or a loaded ``Checkpoint``. A classifier checkpoint
       under ``task="segment"`` fills the backbone only (a warning is logged).
     - ``classes``: a preset name, a ``LabelSet``, or a label file path; without it the
-      label set comes from the checkpoint's metadata when it has one.
+      label set comes from the checkpoint's metadata when it has one, else it is
+      ``LabelSet.default(num_classes)``.
     - ``num_classes`` may be left out when ``classes`` or the weights tell it
-      (``task="classify"`` defaults to 1000). Conflicts raise ``CheckpointError``.
+      (``task="classify"`` defaults to 1000); at most 65,536 (what a mask can hold).
+      Conflicts raise ``CheckpointError``.
     - Parameters the weights do not supply are initialised from ``seed``
       deterministically, so every worker builds identical models.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
     get_builder(name)  # an unknown name fails here, before any download
+    if num_classes is not None:
+        _check_num_classes(name, num_classes)  # so does an impossible class count
     checkpoint = None
     if weights is not None:
         checkpoint = weights if isinstance(weights, Checkpoint) else load_checkpoint(weights)
@@ -152,8 +169,9 @@ def create_model(
     if label_set is None and checkpoint is not None and checkpoint.task == task:
         label_set = checkpoint.label_set
     resolved = _resolve_num_classes(name, task, num_classes, label_set, classes is not None, checkpoint)
-    if label_set is not None and label_set.num_classes != resolved:
-        label_set = None  # e.g. an ImageNet label set from metadata under another head
+    if label_set is None or label_set.num_classes != resolved:
+        # None known, or e.g. an ImageNet label set from metadata under another head.
+        label_set = LabelSet.default(resolved)
 
     # A checkpoint with the same task supplies every tensor: skip the initialisation.
     full = checkpoint is not None and checkpoint.task == task

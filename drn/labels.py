@@ -3,7 +3,9 @@
 A ``LabelSet`` travels with the model (``model.drn_config.label_set``) and into the
 output's metadata, so a mask can always be read back with the right names and colours.
 Presets hold the facts of known label sets; ``load_label_set`` also reads a JSON or
-text file. No torch here: this module is cheap to import.
+text file. This module is also the one home of the mask facts: which integer type a mask
+of C classes is stored in (``mask_dtype``) and which label value marks unlabelled pixels by
+default (``default_ignore_index``). No torch here (numpy only): it is cheap to import.
 """
 from __future__ import annotations
 
@@ -13,10 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 __all__ = [
     "LabelSet",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MAX_CLASSES",
+    "MAX_UINT8_CLASSES",
+    "IGNORE_INDEX_UINT8",
+    "IGNORE_INDEX_UINT16",
+    "check_num_classes",
+    "mask_dtype",
+    "default_ignore_index",
     "get_preset",
     "list_presets",
     "load_label_set",
@@ -28,6 +39,46 @@ RGB = tuple[int, int, int]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# -- mask facts ---------------------------------------------------------------------------
+# A mask stores one class id per pixel: uint8 up to 256 classes (ids 0..255), uint16 up to
+# 65,536 (ids 0..65535). No model or label set may have more classes than a mask can hold.
+MAX_UINT8_CLASSES = 256
+MAX_CLASSES = 65536
+# The default label value of unlabelled (ground-truth) pixels: the largest value of the
+# mask type, as long as it is not a class id.
+IGNORE_INDEX_UINT8 = 255
+IGNORE_INDEX_UINT16 = 65535
+
+
+def check_num_classes(num_classes: int) -> int:
+    """``num_classes`` if a mask can hold that many classes (1 .. ``MAX_CLASSES``), else
+    ``ValueError`` naming the count and the limit."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if num_classes > MAX_CLASSES:
+        raise ValueError(f"a mask holds at most {MAX_CLASSES:,} classes; got {num_classes}")
+    return int(num_classes)
+
+
+def mask_dtype(num_classes: int) -> np.dtype:
+    """The integer type of a mask of ``num_classes`` classes: uint8 up to 256 classes,
+    uint16 up to 65,536; more raise ``ValueError``."""
+    check_num_classes(num_classes)
+    return np.dtype(np.uint8 if num_classes <= MAX_UINT8_CLASSES else np.uint16)
+
+
+def default_ignore_index(num_classes: int) -> int:
+    """The label value that marks unlabelled pixels when a label set names none: 255 up to
+    255 classes, 65535 up to 65,535 classes (255 is a class id above 255 classes). With
+    65,536 classes every 16-bit value is a class id, so the default is 65536, a value no
+    mask holds (nothing is ignored)."""
+    check_num_classes(num_classes)
+    if num_classes <= IGNORE_INDEX_UINT8:
+        return IGNORE_INDEX_UINT8
+    if num_classes <= IGNORE_INDEX_UINT16:
+        return IGNORE_INDEX_UINT16
+    return num_classes
+
 
 @dataclass(frozen=True)
 class LabelSet:
@@ -35,8 +86,9 @@ class LabelSet:
     mean/std (of RGB values in [0, 1]) the model's input is normalised with, and the
     label value that marks unlabelled pixels.
 
-    ``ignore_index`` defaults to 255, or to 65535 when there are more than 255 classes
-    (their masks are 16-bit); it must not be a class id.
+    ``ignore_index`` defaults to ``default_ignore_index(num_classes)``: 255, or 65535
+    when there are more than 255 classes (255 is a class id then); it must not be a class
+    id. A label set has at most ``MAX_CLASSES`` (65,536) classes: what a mask can hold.
     """
 
     name: str
@@ -58,6 +110,10 @@ class LabelSet:
             raise ValueError("a label set needs a non-empty name")
         if not self.class_names:
             raise ValueError(f"{where}: no classes")
+        if len(self.class_names) > MAX_CLASSES:
+            raise ValueError(
+                f"{where}: a mask holds at most {MAX_CLASSES:,} classes; got {len(self.class_names)}"
+            )
         for index, class_name in enumerate(self.class_names):
             if not class_name.strip():
                 raise ValueError(f"{where}: class {index} has an empty name")
@@ -82,7 +138,7 @@ class LabelSet:
         if not all(s > 0 for s in self.std):
             raise ValueError(f"{where}: std values must be > 0, got {list(self.std)}")
         if self.ignore_index is None:
-            set_(self, "ignore_index", 255 if self.num_classes <= 255 else 65535)
+            set_(self, "ignore_index", default_ignore_index(self.num_classes))
         elif 0 <= self.ignore_index < self.num_classes:
             raise ValueError(
                 f"{where}: ignore_index {self.ignore_index} is a class id (0..{self.num_classes - 1}); "
@@ -103,6 +159,13 @@ class LabelSet:
             "std": list(self.std),
             "ignore_index": self.ignore_index,
         }
+
+    @classmethod
+    def default(cls, num_classes: int) -> "LabelSet":
+        """The label set of a model that was given none: name ``"default"``, classes
+        ``class_0`` .. ``class_<C-1>``, ``generate_palette(C)`` and ImageNet's mean/std
+        (what an ImageNet-pretrained backbone expects)."""
+        return _default_label_set(check_num_classes(num_classes))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, default_name: str = "custom") -> "LabelSet":
@@ -139,6 +202,17 @@ def generate_palette(num_colors: int) -> tuple[RGB, ...]:
             value >>= 3
         palette.append((r, g, b))
     return tuple(palette)
+
+
+@functools.lru_cache(maxsize=64)  # LabelSet is immutable: share one instance per size
+def _default_label_set(num_classes: int) -> LabelSet:
+    return LabelSet(
+        name="default",
+        class_names=tuple(f"class_{i}" for i in range(num_classes)),
+        palette=generate_palette(num_classes),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
 
 
 # Cityscapes' 19 train ids, with the colours of cityscapesScripts' labels.py.

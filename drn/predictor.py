@@ -6,7 +6,8 @@ Plain PyTorch (no Ray, no I/O), so it runs and is benchmarked on a GPU machine a
   its batch (padding a small image onto a larger canvas would change a DRN's output near
   the edges). The model itself pads each batch to a multiple of 8 and crops back.
 - Normalisation, softmax, the statistics and the arg-max run on the device; only the
-  mask (uint8, or uint16 above 256 classes) and C floats per image come back.
+  mask (``drn.labels.mask_dtype``: uint8, or uint16 above 256 classes) and C floats per
+  image come back.
 - Out of memory: the batch is split in halves and retried; an image that alone does not
   fit becomes a failed `Prediction` naming the memory it needed.
 - Collections where nearly every image has its own size (web crawls) batch poorly by
@@ -27,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from drn.labels import IMAGENET_MEAN, IMAGENET_STD, mask_dtype
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +110,12 @@ class Predictor:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, **kwargs) -> "Predictor":
-        """Use the model's own label set for mean/std (ImageNet's when it has none)."""
+        """Use the model's own label set for mean/std (ImageNet's for a module that was
+        not built by ``drn.create_model``)."""
         cfg = getattr(model, "drn_config", None)
         label_set = getattr(cfg, "label_set", None)
-        mean = label_set.mean if label_set is not None else (0.485, 0.456, 0.406)
-        std = label_set.std if label_set is not None else (0.229, 0.224, 0.225)
+        mean = label_set.mean if label_set is not None else IMAGENET_MEAN
+        std = label_set.std if label_set is not None else IMAGENET_STD
         return cls(model, mean=mean, std=std, **kwargs)
 
     # -- the device part ---------------------------------------------------------------
@@ -202,10 +206,10 @@ class Predictor:
         offsets = torch.arange(n, device=mask.device).view(n, 1, 1) * c
         counts = torch.bincount((mask + offsets).reshape(-1), minlength=n * c).view(n, c)
         class_fraction = counts.float() / float(h * w)
-        mask_dtype = torch.uint8 if c <= 256 else torch.int32
-        mask_host = mask.to(mask_dtype).cpu().numpy()
-        if c > 256:
-            mask_host = mask_host.astype(np.uint16)
+        dtype = mask_dtype(c)
+        # uint8 travels as is; a uint16 mask as int32 (torch's uint16 support is partial).
+        mask_host = mask.to(torch.uint8 if dtype == np.uint8 else torch.int32).cpu().numpy()
+        mask_host = mask_host.astype(dtype, copy=False)
         scores_host = class_scores.cpu().numpy().astype(np.float32)
         fraction_host = class_fraction.cpu().numpy().astype(np.float32)
         conf_host = confidence.cpu().numpy().astype(np.float32)

@@ -1,20 +1,23 @@
 """The model registry: one table from architecture name to builder.
 
-Builders register themselves with ``@register_model`` (in ``drn.models``); the
-registry is filled the first time someone asks it a question, so ``import drn`` stays
-cheap. A builder is called as ``builder(num_classes=...)`` and returns a backbone
+This module is the table only. It imports no model code (nor torch), so the builders in
+``drn.models`` can register themselves here (``@register_model``) without a cycle. The
+lookups below answer from what is registered *so far*; the public questions
+(``drn.list_models``, ``drn.model_info``, ``get_builder``) live in ``drn.catalog``, which
+loads the built-in models first.
+
+A builder is called as ``builder(num_classes=...)`` and returns a backbone
 (``num_classes=None``: no pooling/classifier; otherwise the ImageNet-style classifier).
 """
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-__all__ = ["ModelInfo", "register_model", "list_models", "model_info", "get_builder"]
+__all__ = ["ModelInfo", "register_model", "registered_names", "lookup_builder"]
 
 Builder = TypeVar("Builder", bound=Callable[..., object])
 
@@ -47,15 +50,9 @@ def register_model(fn: Builder | None = None, *, name: str | None = None):
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} is already registered; pick another name")
         _REGISTRY[key] = builder
-        model_info.cache_clear()
         return builder
 
     return add(fn) if fn is not None else add
-
-
-def _load_builtin_models() -> None:
-    # Importing drn.models runs its @register_model decorators (once; Python caches it).
-    from drn import models  # noqa: F401
 
 
 def _natural_key(name: str) -> tuple:
@@ -63,10 +60,9 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Registered architecture names, optionally filtered by an fnmatch ``pattern``
-    (e.g. ``"drn_d_*"``), sorted by family then depth (drn_a_18 ... drn_d_107)."""
-    _load_builtin_models()
+def registered_names(pattern: str | None = None) -> list[str]:
+    """Names registered so far, optionally filtered by an fnmatch ``pattern``, sorted
+    by family then depth (drn_a_18 ... drn_d_107). Loads nothing."""
     names = sorted(_REGISTRY, key=_natural_key)
     if pattern is not None:
         names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
@@ -77,17 +73,16 @@ def _close_matches(name: str, limit: int = 5) -> list[str]:
     # Most similar first; equally similar names in list order (not difflib's reverse).
     scored = [
         (difflib.SequenceMatcher(None, name, candidate).ratio(), candidate)
-        for candidate in list_models()
+        for candidate in registered_names()
     ]
     scored = [item for item in scored if item[0] >= 0.6]
     scored.sort(key=lambda item: (-round(item[0], 6), _natural_key(item[1])))
     return [candidate for _, candidate in scored[:limit]]
 
 
-def get_builder(name: str) -> Callable[..., object]:
-    """The builder registered as ``name``; an unknown name raises ``ValueError``
-    that lists the closest registered names."""
-    _load_builtin_models()
+def lookup_builder(name: str) -> Callable[..., object]:
+    """The builder registered so far as ``name``; an unknown name raises ``ValueError``
+    that lists the closest registered names. Loads nothing."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -96,23 +91,3 @@ def get_builder(name: str) -> Callable[..., object]:
         raise ValueError(
             f"unknown model {name!r} ({hint}); drn.list_models() lists all {len(_REGISTRY)}"
         ) from None
-
-
-@functools.lru_cache(maxsize=None)
-def model_info(name: str) -> ModelInfo:
-    """Facts about architecture ``name``. The parameter count is that of the
-    1000-class classifier, counted on a model built on the ``meta`` device (no memory,
-    no initialisation), and cached."""
-    import torch
-
-    builder = get_builder(name)
-    with torch.device("meta"):
-        model = builder(num_classes=1000)
-    return ModelInfo(
-        name=name,
-        family=model.family,
-        block=model.block_type,
-        layers=tuple(model.layers),
-        num_params=sum(p.numel() for p in model.parameters()),
-        feature_channels=model.out_dim,
-    )

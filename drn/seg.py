@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drn.labels import check_num_classes
+
 __all__ = ["DRNSeg", "OUTPUT_STRIDE", "bilinear_kernel"]
 
 OUTPUT_STRIDE = 8
@@ -40,8 +42,7 @@ class DRNSeg(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        check_num_classes(num_classes)  # 1 .. 65,536: what a mask can hold
         features = backbone.feature_modules()
         self.family = backbone.family
         self.block_type = backbone.block_type

@@ -7,14 +7,19 @@ import functools
 import hashlib
 import http.server
 import logging
+import os
+import re
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+import torch.hub
 
 import drn
 from drn.checkpoints import RELEASED_WEIGHTS, guess_architecture
+from drn.io import atomic_write
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -183,7 +188,7 @@ def test_http_download_is_verified_and_cached(seg22, image, http_root, tmp_path)
 
     checkpoint = drn.load_checkpoint(f"{base}/{name}", cache_dir=cache)
     assert checkpoint.sha256 == digest and checkpoint.source == f"{base}/{name}"
-    assert (cache / "checkpoints" / name).is_file()
+    assert [p.name for p in (cache / "checkpoints").iterdir()] == [name]  # no temporary file left
     (root / name).unlink()  # the second load must come from the cache
     again = drn.load_checkpoint(f"{base}/{name}", cache_dir=cache)
     assert again.sha256 == digest
@@ -225,6 +230,96 @@ def test_download_failure_names_the_url(http_root, tmp_path):
     _, base = http_root
     with pytest.raises(drn.CheckpointError, match=rf"^{base}/missing.pth: download failed \(HTTP Error 404"):
         drn.load_checkpoint(f"{base}/missing.pth", cache_dir=tmp_path)
+    assert [p for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()] == []  # nothing half-written
+
+
+class _Terminal:
+    """A stand-in stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_download_uses_torch_hub_with_progress_only_on_a_terminal(seg22, http_root, tmp_path, monkeypatch, terminal):
+    root, base = http_root
+    _authors_drnseg_file(seg22[0], root / "plain.pth")
+    calls = []
+    real = torch.hub.download_url_to_file
+
+    def spy(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, Path(dst).parent, hash_prefix, progress))
+        real(url, dst, hash_prefix=hash_prefix, progress=False)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", spy)
+    if terminal:
+        monkeypatch.setattr(sys, "stderr", _Terminal())
+    drn.load_checkpoint(f"{base}/plain.pth", cache_dir=tmp_path)
+    assert len(calls) == 1
+    url, folder, hash_prefix, progress = calls[0]
+    assert (url, folder.parent, hash_prefix, progress) == (f"{base}/plain.pth", tmp_path / "checkpoints", None, terminal)
+    assert [p.name for p in folder.iterdir()] == ["plain.pth"]
+
+
+# --- atomic local writes --------------------------------------------------------------------
+
+def test_atomic_write_replaces_the_file_whole(tmp_path):
+    target = tmp_path / "table.bin"
+    target.write_bytes(b"old")
+    with atomic_write(target) as f:
+        f.write(b"new ")
+        assert target.read_bytes() == b"old"  # readers still see the old file
+        (part,) = [p for p in tmp_path.iterdir() if p != target]
+        assert re.fullmatch(r"\.table\.bin\.[0-9a-f]{32}\.part", part.name)
+        f.write(b"bytes")
+    assert target.read_bytes() == b"new bytes"
+    assert list(tmp_path.iterdir()) == [target]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    with atomic_write(tmp_path / "notes.txt", "w", encoding="utf-8") as f:
+        f.write("caf\u00e9\n")
+    assert (tmp_path / "notes.txt").read_bytes() == "caf\u00e9\n".encode()
+    with pytest.raises(ValueError, match="mode must be 'wb' or 'w', got 'ab'"):
+        with atomic_write(tmp_path / "x", "ab"):
+            pass
+
+
+def test_atomic_write_failure_leaves_no_temporary_file_and_no_target(tmp_path):
+    target = tmp_path / "model.pth"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with atomic_write(target) as f:
+            f.write(b"half a checkpoint")
+            raise RuntimeError("disk on fire")
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"good")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(target) as f:
+            f.write(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == [target] and target.read_bytes() == b"good"
+
+
+def test_save_checkpoint_writes_atomically(tmp_path, monkeypatch):
+    model = drn.create_model("drn_d_22", num_classes=2)
+    path = drn.save_checkpoint(model, tmp_path / "deep" / "own.pth")
+    assert [p.name for p in path.parent.iterdir()] == ["own.pth"]
+    assert drn.load_checkpoint(path).meta["label_set"] == drn.LabelSet.default(2).to_dict()
+
+    def fail(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="No space left"):
+        drn.save_checkpoint(model, tmp_path / "deep" / "other.pth")
+    assert [p.name for p in path.parent.iterdir()] == ["own.pth"]
 
 
 def test_released_weights_table():

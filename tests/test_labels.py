@@ -4,10 +4,19 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 import drn
-from drn.labels import IMAGENET_MEAN, IMAGENET_STD, LabelSet, generate_palette
+from drn.labels import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_CLASSES,
+    LabelSet,
+    default_ignore_index,
+    generate_palette,
+    mask_dtype,
+)
 
 CITYSCAPES_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -134,3 +143,49 @@ def test_model_carries_label_set_from_file(tmp_path):
     config = model.drn_config
     assert config.num_classes == 2 and config.label_set.class_names == ("sky", "ground")
     assert model.seg.out_channels == 2
+
+
+# --- mask facts and the default label set ---------------------------------------------------
+
+@pytest.mark.parametrize(("num_classes", "dtype"), [
+    (1, np.uint8), (19, np.uint8), (255, np.uint8), (256, np.uint8),
+    (257, np.uint16), (1000, np.uint16), (65535, np.uint16), (65536, np.uint16),
+])
+def test_mask_dtype(num_classes, dtype):
+    assert mask_dtype(num_classes) == np.dtype(dtype)
+    assert isinstance(mask_dtype(num_classes), np.dtype)
+    assert np.iinfo(mask_dtype(num_classes)).max >= num_classes - 1
+
+
+def test_mask_dtype_refuses_what_no_mask_holds():
+    assert MAX_CLASSES == 65536
+    with pytest.raises(ValueError, match="^a mask holds at most 65,536 classes; got 65537$"):
+        mask_dtype(65537)
+    with pytest.raises(ValueError, match="^num_classes must be >= 1, got 0$"):
+        mask_dtype(0)
+
+
+@pytest.mark.parametrize(("num_classes", "ignore"), [
+    (2, 255), (255, 255), (256, 65535), (65535, 65535), (65536, 65536),
+])
+def test_default_ignore_index_is_never_a_class(num_classes, ignore):
+    assert default_ignore_index(num_classes) == ignore >= num_classes
+    assert LabelSet.default(num_classes).ignore_index == ignore
+
+
+def test_default_label_set():
+    labels = LabelSet.default(3)
+    assert labels.name == "default"
+    assert labels.class_names == ("class_0", "class_1", "class_2")
+    assert labels.palette == generate_palette(3)
+    assert (labels.mean, labels.std, labels.ignore_index) == (IMAGENET_MEAN, IMAGENET_STD, 255)
+    assert LabelSet.default(3) is labels  # immutable: shared
+    assert LabelSet.from_dict(labels.to_dict()) == labels
+    with pytest.raises(ValueError, match="^a mask holds at most 65,536 classes; got 70000$"):
+        LabelSet.default(70000)
+
+
+def test_label_set_with_more_classes_than_a_mask_holds():
+    names = [f"c{i}" for i in range(MAX_CLASSES + 1)]
+    with pytest.raises(ValueError, match="^label set 'huge': a mask holds at most 65,536 classes; got 65537$"):
+        LabelSet("huge", names, [(0, 0, 0)] * len(names))

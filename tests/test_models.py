@@ -1,4 +1,9 @@
-"""The registry and the architectures, parametrised over the registry itself."""
+"""The registry and the architectures, parametrised over the registry itself.
+
+Facts (parameter counts, output shapes) are checked for every architecture on the meta
+device (no memory, no arithmetic); every architecture also gets one backward pass on a
+tiny input; one real forward and checkpoint round trip is run per family.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import drn
-from drn.registry import get_builder
+from drn.catalog import get_builder
+from drn.labels import LabelSet
+from drn.models import BasicBlock
 from drn.seg import DRNSeg, bilinear_kernel
 
 ISSUE_ORDER = [
@@ -34,6 +41,8 @@ LAYERS = {
     "drn_a_50": (3, 4, 6, 3), "drn_a_101": (3, 4, 23, 3), "drn_a_152": (3, 8, 36, 3),
 }
 BOTTLENECK = {"drn_a_50", "drn_a_101", "drn_a_152", "drn_c_58", "drn_d_54", "drn_d_56", "drn_d_105", "drn_d_107"}
+# One architecture per family (the smallest) for the real forward passes and round trips.
+PER_FAMILY = ["drn_a_18", "drn_c_26", "drn_d_22"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -75,9 +84,10 @@ def test_register_new_model_is_listed():
 
     try:
         assert "drn_test_tiny" in drn.list_models("drn_test_*")
+        assert drn.model_info("drn_test_tiny").num_params == drn.model_info("drn_d_22").num_params
     finally:
         del registry._REGISTRY["drn_test_tiny"]
-        registry.model_info.cache_clear()
+    assert drn.list_models("drn_test_*") == []
 
 
 def test_unknown_model_names_close_matches():
@@ -104,14 +114,42 @@ def test_model_info(name):
         info.num_params = 0
 
 
-# --- every registered model, both tasks -------------------------------------------------
+# --- every registered model, on the meta device ------------------------------------------
+
+def _meta_input(height: int, width: int) -> torch.Tensor:
+    return torch.empty(1, 3, height, width, device="meta")
+
 
 @pytest.mark.parametrize("name", drn.list_models())
-def test_classify_builds_counts_and_runs(name, odd_input):
+def test_classify_counts_and_shapes_on_meta(name):
+    model = _meta(name)
+    assert sum(p.numel() for p in model.parameters()) == drn.model_info(name).num_params
+    assert round(drn.model_info(name).num_params / 1e6, 3) == PARAMS_M[name]
+    features = []  # the stride-8 map, caught on its way into the pooling
+    model.avgpool.register_forward_hook(lambda module, args, out: features.append(args[0]))
+    assert model(_meta_input(37, 53)).shape == (1, 1000)
+    assert features[0].shape == (1, drn.model_info(name).feature_channels, 5, 7)  # ceil(/8)
+
+
+@pytest.mark.parametrize("name", drn.list_models())
+def test_segment_counts_and_any_size_on_meta(name):
+    info = drn.model_info(name)
+    with torch.device("meta"):
+        model = DRNSeg(get_builder(name)(num_classes=None), 3).eval()
+    fc = 1000 * info.feature_channels + 1000  # the classifier's head, weight and bias
+    seg, up = 3 * info.feature_channels + 3, 3 * 16 * 16
+    assert sum(p.numel() for p in model.parameters()) == info.num_params - fc + seg + up
+    for height, width in [(37, 53), (1, 1)]:
+        assert model(_meta_input(height, width)).shape == (1, 3, height, width)
+
+
+# --- one real model per family -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", PER_FAMILY)
+def test_classify_builds_and_runs(name, odd_input):
     model = drn.create_model(name, task="classify")
     assert not model.training
     assert sum(p.numel() for p in model.parameters()) == drn.model_info(name).num_params
-    assert round(drn.model_info(name).num_params / 1e6, 3) == PARAMS_M[name]
     with torch.no_grad():
         logits = model(odd_input)
         features = model.forward_features(torch.zeros(1, 3, 64, 48))
@@ -119,10 +157,11 @@ def test_classify_builds_counts_and_runs(name, odd_input):
     assert torch.isfinite(logits).all()
     assert features.shape == (1, drn.model_info(name).feature_channels, 8, 6)
     config = model.drn_config
-    assert (config.arch, config.task, config.num_classes, config.label_set) == (name, "classify", 1000, None)
+    assert (config.arch, config.task, config.num_classes) == (name, "classify", 1000)
+    assert config.label_set == LabelSet.default(1000)
 
 
-@pytest.mark.parametrize("name", drn.list_models())
+@pytest.mark.parametrize("name", PER_FAMILY)
 def test_segment_any_size_and_checkpoint_round_trip(name, odd_input, tmp_path):
     model = drn.create_model(name, num_classes=3)
     assert isinstance(model, DRNSeg) and not model.training
@@ -134,14 +173,58 @@ def test_segment_any_size_and_checkpoint_round_trip(name, odd_input, tmp_path):
     assert model.drn_config.weights_source is None
 
     path = drn.save_checkpoint(model, tmp_path / f"{name}.pth")
+    assert [p.name for p in tmp_path.iterdir()] == [f"{name}.pth"]  # no temporary file left
     loaded = drn.create_model(name, weights=path)  # nothing else: the file says it all
     with torch.no_grad():
         assert torch.equal(loaded(odd_input), logits)
     config = loaded.drn_config
     assert (config.arch, config.task, config.num_classes) == (name, "segment", 3)
+    assert config.label_set == model.drn_config.label_set == LabelSet.default(3)
     assert config.weights_source == str(path)
     assert config.weights_sha256 == drn.load_checkpoint(path).sha256
     assert not loaded.up.weight.requires_grad
+
+
+# --- every registered model, one backward pass -------------------------------------------
+
+def _unused_by_design(model: DRNSeg) -> set[str]:
+    """Parameters the forward pass never reads: the 1x1 ``downsample`` DRN-C keeps in its
+    non-residual degridding blocks (drn_c_58's layer7: 2048 -> 512) so that the authors'
+    checkpoints load strictly."""
+    unused = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, BasicBlock) and not module.residual and module.downsample is not None:
+            unused |= {f"{module_name}.downsample.{p}" for p, _ in module.downsample.named_parameters()}
+    return unused
+
+
+@pytest.mark.parametrize("name", drn.list_models())
+def test_backward_reaches_every_trainable_parameter(name):
+    # 16 x 16 is the smallest input that trains: 2 x 2 at stride 8, so BatchNorm sees
+    # more than one value per channel in training mode.
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DRNSeg(get_builder(name)(num_classes=None), 2).train()
+    x = torch.randn(1, 3, 16, 16, generator=generator)
+    target = torch.randint(0, 2, (1, 16, 16), generator=generator)
+    loss = F.cross_entropy(model(x), target)
+    assert torch.isfinite(loss)
+    loss.backward()
+
+    assert not model.up.weight.requires_grad and model.up.weight.grad is None
+    unused = _unused_by_design(model)
+    assert bool(unused) == (name == "drn_c_58")
+    for param_name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert param_name == "up.weight"
+        elif param_name in unused:
+            assert param.grad is None, param_name
+        else:
+            assert param.grad is not None, param_name
+            assert torch.isfinite(param.grad).all(), param_name
+    first = next(model.base.parameters())  # the stem conv: the far end from the loss
+    assert model.seg.weight.grad.abs().sum() > 0 and first.grad.abs().sum() > 0
 
 
 # --- architecture facts ------------------------------------------------------------------
@@ -264,12 +347,44 @@ def test_create_model_arguments():
     assert model.drn_config.mean == drn.get_preset("cityscapes").mean
     classifier = drn.create_model("drn_d_22", task="classify", num_classes=10)
     assert classifier.fc.out_channels == 10 and classifier.drn_config.mean == (0.485, 0.456, 0.406)
+    assert classifier.drn_config.label_set == LabelSet.default(10)
 
 
-def test_import_drn_is_light():
+def test_label_set_is_never_none():
+    model = drn.create_model("drn_d_22", num_classes=3)
+    labels = model.drn_config.label_set
+    assert labels == LabelSet.default(3)
+    assert (labels.name, labels.class_names) == ("default", ("class_0", "class_1", "class_2"))
+    assert (model.drn_config.mean, model.drn_config.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    config = dataclasses.replace(model.drn_config, label_set=None)
+    assert config.label_set == LabelSet.default(3)
+
+
+def test_too_many_classes_is_refused_before_building():
+    message = "a mask holds at most 65,536 classes; got 65537"
+    with pytest.raises(ValueError, match=f"^drn_d_22: {message}$"):
+        drn.create_model("drn_d_22", num_classes=65537)
+    with pytest.raises(ValueError, match=f"^drn_d_22: {message}$"):
+        drn.create_model("drn_d_22", task="classify", num_classes=65537)
+    with pytest.raises(ValueError, match=f"^{message}$"), torch.device("meta"):
+        DRNSeg(get_builder("drn_d_22")(num_classes=None), 65537)
+    with pytest.raises(ValueError, match="^drn_d_22: num_classes must be >= 1, got 0$"):
+        drn.create_model("drn_d_22", num_classes=0)
+    with torch.device("meta"):
+        assert DRNSeg(get_builder("drn_d_22")(num_classes=None), 65536).num_classes == 65536
+
+
+def test_import_drn_is_light_and_the_registry_imports_no_models():
     import subprocess
     import sys
 
-    code = "import sys, drn; print('torch' in sys.modules)"
+    code = "\n".join([
+        "import sys, drn",
+        "print('torch' in sys.modules)",
+        "import drn.registry, drn.labels, drn.io, drn.metrics",  # the torch-free modules
+        "print('torch' in sys.modules, 'drn.models' in sys.modules)",
+        "import drn.models",  # entering the cycle's old start directly works
+        "print(len(drn.registry.registered_names()), 'drn.catalog' in sys.modules)",
+    ])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split("\n") == ["False", "False False", "16 False", ""]

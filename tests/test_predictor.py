@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+import drn
+from drn.labels import IMAGENET_MEAN, IMAGENET_STD
 from drn.predictor import Predictor
 from tests.imagegen import scene
 from tests.modelkit import content_model
@@ -143,3 +145,24 @@ def test_tta_averages_scales_and_flip(model, predictor):
     a = flip_only.predict([img])[0].mask
     b = flip_only.predict([np.ascontiguousarray(img[:, ::-1])])[0].mask
     np.testing.assert_array_equal(a, b[:, ::-1])
+
+
+@pytest.mark.parametrize(("num_classes", "dtype"), [(2, np.uint8), (256, np.uint8), (257, np.uint16), (300, np.uint16)])
+def test_mask_dtype_follows_the_class_count(predictor, num_classes, dtype):
+    logits = torch.full((2, num_classes, 3, 4), -10.0)
+    logits[0, num_classes - 1] = 10.0  # the last class id: 255 or 299 must survive the trip
+    logits[1, 0] = 10.0
+    first, second = predictor._statistics(logits)
+    assert first.mask.dtype == second.mask.dtype == np.dtype(dtype)
+    assert (first.mask == num_classes - 1).all() and (second.mask == 0).all()
+
+
+def test_from_model_uses_the_label_set_statistics(model):
+    city = drn.create_model("drn_d_22", classes="cityscapes")
+    predictor = Predictor.from_model(city, device="cpu")
+    assert torch.allclose(predictor._mean.flatten(), torch.tensor(city.drn_config.mean) * 255)
+    assert torch.allclose(predictor._std.flatten(), torch.tensor(city.drn_config.std) * 255)
+    default = Predictor.from_model(model, device="cpu")  # no label set given: ImageNet's
+    assert torch.allclose(default._mean.flatten(), torch.tensor(IMAGENET_MEAN) * 255)
+    bare = Predictor.from_model(torch.nn.Conv2d(3, 2, 1), device="cpu")  # not from create_model
+    assert torch.allclose(bare._std.flatten(), torch.tensor(IMAGENET_STD) * 255)
