@@ -4,7 +4,7 @@
 
 For each row count, writes an OUTPUT of that many ok rows directly with pyarrow, in the
 output schema with its file metadata (19 Cityscapes classes; side x side masks of a few
-rectangles, encoded with pipeline.output.encode_mask; 1000 rows per file), then runs each
+rectangles, encoded with pipeline.store.output.encode_mask; 1000 rows per file), then runs each
 export (png, png --colour, coco, label-studio) and the report in a fresh Python process and
 prints that process's peak RSS (getrusage ru_maxrss) before and after the work. Bounded
 memory shows as a peak that does not grow with the row count.
@@ -32,8 +32,8 @@ def synthesise(output: Path, rows: int, side: int) -> None:
     import pyarrow as pa
 
     import drn
-    from pipeline.output import OutputMetadata, class_fraction_of, encode_mask, schema_with_metadata
-    from pipeline.sink import write_table_atomic
+    from pipeline.store.output import OutputMetadata, class_fraction_of, encode_mask, schema_with_metadata
+    from pipeline.job.sink import write_table_atomic
 
     labels = drn.get_preset("cityscapes")
     n = len(labels.class_names)
@@ -73,8 +73,8 @@ def peak_mb() -> float:
 
 def child(kind: str, output: str, out: str) -> None:
     """One measurement, in its own process: import, then export (or report)."""
-    from pipeline.export import export
-    from pipeline.report import write_report
+    from pipeline.tools.export import export
+    from pipeline.tools.report import write_report
 
     import cv2  # noqa: F401  (imported by the work anyway; count it in the baseline)
     import pycocotools.mask  # noqa: F401

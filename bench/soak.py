@@ -102,8 +102,8 @@ def main() -> int:
     import pyarrow.parquet as pq
     import ray
 
-    from pipeline.output import SCHEMA, data_files
-    from pipeline.run import run_job
+    from pipeline.store.output import SCHEMA, data_files
+    from pipeline.job.run import run_job
     from pipeline.spec import JobSpec
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="drn-soak-"))

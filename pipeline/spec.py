@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,12 +19,30 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from pipeline.errors import UsageError
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULE_KINDS = ("raycronjob", "rayjob", "cronjob")
 
 
-class SpecError(ValueError):
+class SpecError(UsageError):
     """A job spec that cannot run; the message names the key and the file."""
+
+
+def key(default: Any = None, help: str = "", *, min: float | None = None,  # noqa: A002
+        max: float | None = None, min_open: bool = False, choices: tuple[str, ...] = (),
+        cli: bool = True, default_factory: Any = None) -> Any:
+    """A JobSpec field with what the TOML reader, `validate` and the CLI need to know.
+
+    `help` is the option's help text (`cli=False`: a TOML-only key); `min`/`max` (with
+    `min_open` for "greater than") and `choices` are checked by `validate` and become
+    the option's click type, so a bound is written once.
+    """
+    meta = {"help": help, "min": min, "max": max, "min_open": min_open, "choices": choices,
+            "cli": cli}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -30,7 +50,7 @@ class ScheduleSpec:
     cron: str | None = None
     time_zone: str = "UTC"
     image: str = "drn-label:latest"
-    kind: str = "raycronjob"
+    kind: str = key("raycronjob", choices=SCHEDULE_KINDS)
     # Address of a long-lived cluster, for kind = "cronjob" (submit from a pod).
     address: str | None = None
     namespace: str = "default"
@@ -39,35 +59,50 @@ class ScheduleSpec:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """Everything one labelling run needs. Small and picklable: it crosses to workers."""
+    """Everything one labelling run needs. Small and picklable: it crosses to workers.
 
-    input: str | None = None
-    output: str | None = None
-    model: str = "drn_d_22"
-    weights: str | None = None
-    classes: str | None = None
-    num_classes: int | None = None
-    batch_size: int = 4
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    torch_threads: int | None = None
-    decode_cpus: float = 1.0
-    max_side: int = 2048
-    size_bucket: int | None = None
-    tta: bool = False  # test-time augmentation: mean log-probabilities over scales (+ flip)
-    tta_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-    tta_flip: bool = False
-    precision: str = "fp32"
-    retries: int = 3
-    max_error_rate: float | None = None
-    rows_per_file: int = 1000
-    png_compression: int = 4  # measured: docs/benchmarks.md
-    overwrite: bool = False
-    retry_errors: bool = False
-    address: str | None = None
-    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
-    source: str | None = None  # the TOML file this came from, for messages
+    Each field is a TOML key and (unless `cli=False`) an option of `run` and `submit`.
+    """
+
+    input: str | None = key(help="", cli=False)
+    output: str | None = key(help="", cli=False)
+    model: str = key("drn_d_22", "Architecture, see `drn-label models`.")
+    weights: str | None = key(None, "Checkpoint: path, file:// or http(s):// URL (authors', "
+                                    "torchvision or own format).")
+    classes: str | None = key(None, "Label set: a preset (cityscapes) or a classes file.")
+    num_classes: int | None = key(None, "Number of classes when neither weights nor --classes tell it.",
+                                  min=1)
+    batch_size: int = key(4, "Images per forward pass.", min=1)
+    workers: int = key(1, "Predict actors.", min=1)
+    gpus_per_worker: float = key(0.0, "GPUs per predict actor; fractions share a GPU.", min=0)
+    cpus_per_worker: float = key(1.0, "CPUs reserved per predict actor.", min=0, min_open=True)
+    torch_threads: int | None = key(None, "Torch threads per predict actor [default: on CPU, "
+                                          "cluster CPUs / workers].", min=1)
+    decode_cpus: float = key(1.0, "CPUs per decode task.", min=0, min_open=True, cli=False)
+    max_side: int = key(2048, "Scale larger images down for inference; masks come back at "
+                              "source size.", min=8)
+    size_bucket: int | None = key(None, "Pad images to multiples of this many pixels so mixed "
+                                        "sizes batch together (labels may change near the "
+                                        "bottom/right edges) [default: exact sizes].", min=8)
+    # test-time augmentation: mean log-probabilities over scales (+ flip)
+    tta: bool = key(False, "Test-time augmentation: average log-probabilities over --tta-scales "
+                           "(slower, better labels).")
+    tta_scales: tuple[float, ...] = key((0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+                                        "Comma-separated scales for --tta.", min=0, min_open=True)
+    tta_flip: bool = key(False, "With --tta, also average a horizontal flip.")
+    precision: str = key("fp32", "Inference precision.", choices=PRECISIONS)
+    retries: int = key(3, "Retries of transient read failures per image.", min=0)
+    max_error_rate: float | None = key(None, "Exit 3 when the share of error rows exceeds this.",
+                                       min=0, max=1)
+    rows_per_file: int = key(1000, "Rows per Parquet file.", min=1)
+    png_compression: int = key(4, "PNG level of the masks (measured: docs/benchmarks.md).",
+                               min=0, max=9, cli=False)
+    overwrite: bool = key(False, "Relabel everything this model already labelled.")
+    retry_errors: bool = key(False, "Relabel images whose row is an error.")
+    address: str | None = key(None, "Ray cluster address (RAY_ADDRESS); `run` without one starts "
+                                    "an embedded local Ray.")
+    schedule: ScheduleSpec = key(default_factory=ScheduleSpec, cli=False)
+    source: str | None = field(default=None, metadata={"cli": False, "toml": False})  # the TOML file, for messages
 
     def replace(self, **changes: Any) -> "JobSpec":
         return dataclasses.replace(self, **changes)
@@ -82,38 +117,13 @@ class JobSpec:
             raise bad("input", "missing: give INPUT on the command line or `input = ...`")
         if not self.output:
             raise bad("output", "missing: give OUTPUT on the command line or `output = ...`")
-        if self.batch_size < 1:
-            raise bad("batch_size", f"must be at least 1, got {self.batch_size}")
-        if self.workers < 1:
-            raise bad("workers", f"must be at least 1, got {self.workers}")
-        if self.gpus_per_worker < 0:
-            raise bad("gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
-        if self.cpus_per_worker <= 0:
-            raise bad("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        if self.decode_cpus <= 0:
-            raise bad("decode_cpus", f"must be > 0, got {self.decode_cpus}")
-        if self.max_side < 8:
-            raise bad("max_side", f"must be at least 8, got {self.max_side}")
-        if self.size_bucket is not None and self.size_bucket < 8:
-            raise bad("size_bucket", f"must be at least 8, got {self.size_bucket}")
-        if not self.tta_scales or any(s <= 0 for s in self.tta_scales):
-            raise bad("tta_scales", f"must be positive numbers, got {list(self.tta_scales)}")
-        if self.precision not in PRECISIONS:
-            raise bad("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.retries < 0:
-            raise bad("retries", f"must be >= 0, got {self.retries}")
-        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
-            raise bad("max_error_rate", f"must be between 0 and 1, got {self.max_error_rate}")
-        if self.rows_per_file < 1:
-            raise bad("rows_per_file", f"must be at least 1, got {self.rows_per_file}")
-        if not 0 <= self.png_compression <= 9:
-            raise bad("png_compression", f"must be 0..9, got {self.png_compression}")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise bad("num_classes", f"must be at least 1, got {self.num_classes}")
+        for prefix, obj in (("", self), ("schedule.", self.schedule)):
+            for f in fields(obj):
+                problem = _out_of_bounds(f, getattr(obj, f.name))
+                if problem:
+                    raise bad(prefix + f.name, problem)
         if self.overwrite and self.retry_errors:
             raise bad("overwrite", "cannot be combined with retry_errors")
-        if self.schedule.kind not in SCHEDULE_KINDS:
-            raise bad("schedule.kind", f"must be one of {', '.join(SCHEDULE_KINDS)}, got {self.schedule.kind!r}")
         return self
 
     def to_toml_dict(self) -> dict[str, Any]:
@@ -132,20 +142,56 @@ class JobSpec:
         return out
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "input": (str,), "output": (str,), "model": (str,), "weights": (str,),
-    "classes": (str,), "num_classes": (int,), "batch_size": (int,), "workers": (int,),
-    "gpus_per_worker": (int, float), "cpus_per_worker": (int, float),
-    "torch_threads": (int,), "decode_cpus": (int, float), "max_side": (int,),
-    "size_bucket": (int,), "tta": (bool,), "tta_scales": (list,), "tta_flip": (bool,),
-    "precision": (str,), "retries": (int,), "max_error_rate": (int, float),
-    "rows_per_file": (int,), "png_compression": (int,), "overwrite": (bool,),
-    "retry_errors": (bool,), "address": (str,),
-}
-_SCHEDULE_TYPES: dict[str, tuple[type, ...]] = {
-    "cron": (str,), "time_zone": (str,), "image": (str,), "kind": (str,),
-    "address": (str,), "namespace": (str,), "name": (str,),
-}
+def _out_of_bounds(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with `value` for field `f` (its min/max/choices), or None."""
+    meta = f.metadata
+    if value is None:
+        return None
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"must be one of {', '.join(meta['choices'])}, got {value!r}"
+    values = value if isinstance(value, tuple) else (value,)
+    if isinstance(value, tuple) and not value:
+        return "must not be empty"
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        low, high = meta.get("min"), meta.get("max")
+        if low is not None and (v <= low if meta.get("min_open") else v < low):
+            if isinstance(value, tuple):
+                return f"must be positive numbers, got {list(value)}" if low == 0 else \
+                    f"must be > {low:g}, got {list(value)}"
+            if meta.get("min_open"):
+                return f"must be > {low:g}, got {v}"
+            return f"must be at least {low:g}, got {v}" if low >= 1 else f"must be >= {low:g}, got {v}"
+        if high is not None and v > high:
+            if low is not None:
+                return f"must be between {low:g} and {high:g}, got {v}"
+            return f"must be at most {high:g}, got {v}"
+    return None
+
+
+def toml_types_of(annotation: Any) -> tuple[type, ...]:
+    """The TOML value types a field's annotation accepts (ints for floats, lists for tuples)."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if union else [annotation]
+    base = typing.get_origin(args[0]) or args[0]
+    if base is tuple:
+        return (list,)
+    if base is float:
+        return (int, float)
+    return (base,)
+
+
+def toml_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """Field name -> accepted TOML types, derived from the dataclass annotations."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: toml_types_of(hints[f.name]) for f in fields(cls)
+            if f.metadata.get("toml", True) and not dataclasses.is_dataclass(hints[f.name])}
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    """JobSpec fields that are options of `run` and `submit`, in declaration order."""
+    return [f for f in fields(JobSpec) if f.metadata.get("cli", True)]
 
 
 def _check(table: Mapping[str, Any], types: dict[str, tuple[type, ...]], prefix: str,
@@ -190,18 +236,14 @@ def load_spec(path: str | Path) -> JobSpec:
     schedule_table = data.pop("schedule", {})
     if not isinstance(schedule_table, dict):
         raise SpecError(f"{source}: key 'schedule' must be a table ([schedule])")
-    values = _check(data, _TYPES, "", source)
-    sched = _check(schedule_table, _SCHEDULE_TYPES, "schedule.", source)
+    values = _check(data, toml_types(JobSpec), "", source)
+    sched = _check(schedule_table, toml_types(ScheduleSpec), "schedule.", source)
     spec = JobSpec(**values, schedule=ScheduleSpec(**sched), source=source)
-    if spec.schedule.kind not in SCHEDULE_KINDS:
-        raise SpecError(
-            f"{source}: key 'schedule.kind' must be one of {', '.join(SCHEDULE_KINDS)}, "
-            f"got {spec.schedule.kind!r}"
-        )
-    if spec.precision not in PRECISIONS:
-        raise SpecError(
-            f"{source}: key 'precision' must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}"
-        )
+    # Choices are checked as the file is read (bounds wait for `validate`, after overrides).
+    for prefix, obj in (("", spec), ("schedule.", spec.schedule)):
+        for f in fields(obj):
+            if f.metadata.get("choices") and getattr(obj, f.name) not in f.metadata["choices"]:
+                raise SpecError(f"{source}: key '{prefix}{f.name}' {_out_of_bounds(f, getattr(obj, f.name))}")
     return spec
 
 

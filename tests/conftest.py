@@ -54,3 +54,10 @@ def cli_runner():
     from click.testing import CliRunner
 
     return CliRunner()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e/ runs on real Ray or servers: `-m "not e2e"` leaves it out."""
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.output import SCHEMA, data_files
+from pipeline.store.output import SCHEMA, data_files
 from tests.imagegen import scene
 from tests.modelkit import authors_checkpoint
 

@@ -10,8 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.metrics import ConfusionMatrix, evaluate_output, match_key
-from pipeline.output import SCHEMA, METADATA_KEY, encode_mask
+import drn
+from drn.metrics import ConfusionMatrix
+from pipeline.tools.evaluate import evaluate_output, match_key
+from pipeline.errors import NoRows, UsageError
+from pipeline.store.output import SCHEMA, METADATA_KEY, encode_mask
 
 
 def test_confusion_with_ignore_and_a_class_absent_from_both():
@@ -83,6 +86,10 @@ def test_merge_adds_matrices():
     a.update(np.array([0, 1]), np.array([0, 1]))
     b.update(np.array([1]), np.array([0]))
     assert a.merge(b).matrix.tolist() == [[1, 1], [0, 1]]
+
+
+def test_confusion_matrix_is_exported_by_drn():
+    assert drn.ConfusionMatrix is ConfusionMatrix
 
 
 def test_16_bit_masks_and_large_counts():
@@ -176,20 +183,35 @@ def test_evaluate_output_needs_one_model(tmp_path, ground_truth):
     assert res["miou"] == 1.0 and res["images_evaluated"] == 1
 
 
-def test_evaluate_output_class_names_from_ground_truth_or_error(tmp_path, ground_truth):
+def test_evaluate_output_class_names_given_override_the_outputs(tmp_path, ground_truth):
     gt, a, _ = ground_truth
-    out = tmp_path / "out"
-    out.mkdir()
-    pq.write_table(pa.Table.from_pylist([_row("0000.png", a)], schema=SCHEMA), out / "x.parquet")
-    with pytest.raises(ValueError, match="no class names"):
-        evaluate_output(str(out), gt)
-    (gt / "classes.json").write_text(json.dumps({"name": "t", "classes": ["bg", "fg"]}))
-    assert set(evaluate_output(str(out), gt)["per_class"]) == {"bg", "fg"}
-    assert set(evaluate_output(str(out), gt, class_names=["x", "y"])["per_class"]) == {"x", "y"}
+    _write(tmp_path / "out" / "part-x.parquet", [_row("0000.png", a)], classes=["bg", "fg"])
+    assert set(evaluate_output(str(tmp_path / "out"), gt)["per_class"]) == {"bg", "fg"}
+    assert set(evaluate_output(str(tmp_path / "out"), gt, class_names=["x", "y"])["per_class"]) == {"x", "y"}
 
 
-def test_evaluate_output_empty_output_is_an_error(tmp_path, ground_truth):
-    gt, _, _ = ground_truth
+def test_evaluate_output_without_labelled_rows_is_an_error(tmp_path, ground_truth):
+    """An empty OUTPUT, or one whose Parquet files drn-label did not write (no drn_label
+    metadata), holds no labelled rows: NoRows (exit 1), naming OUTPUT and the fix."""
+    gt, a, _ = ground_truth
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no Parquet data files"):
+    with pytest.raises(NoRows, match="no labelled rows .*run `drn-label run` first"):
         evaluate_output(str(tmp_path / "empty"), gt)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    pq.write_table(pa.Table.from_pylist([_row("0000.png", a)], schema=SCHEMA), foreign / "x.parquet")
+    with pytest.raises(NoRows, match="no labelled rows"):
+        evaluate_output(str(foreign), gt)
+
+
+def test_evaluate_output_picks_an_identity_by_sha_prefix(tmp_path, ground_truth):
+    """The 12-character prefix `inspect` prints selects the rows, as in export and report."""
+    gt, a, b = ground_truth
+    _write(tmp_path / "out" / "part-1.parquet", [_row("0000.png", a, sha="aaaa1111" * 8)], sha="aaaa1111" * 8)
+    _write(tmp_path / "out" / "part-2.parquet", [_row("0000.png", b, sha="bbbb2222" * 8)], sha="bbbb2222" * 8)
+    with pytest.raises(UsageError, match="holds rows of several models"):
+        evaluate_output(str(tmp_path / "out"), gt)
+    scores = evaluate_output(str(tmp_path / "out"), gt, weights_sha256="aaaa1111aaaa")
+    assert scores["weights_sha256"] == "aaaa1111" * 8 and scores["images_evaluated"] == 1
+    with pytest.raises(UsageError, match="no rows of model any with weights cccc"):
+        evaluate_output(str(tmp_path / "out"), gt, weights_sha256="cccc")

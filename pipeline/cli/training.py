@@ -19,7 +19,7 @@ def synth(directory: Path, count: int, size: int, seed: int, num_classes: int) -
     DIRECTORY/images/<id>.png, DIRECTORY/masks/<id>.png (class index per pixel, 255 =
     ignore) and DIRECTORY/classes.json (names, palette, mean, std).
     """
-    from pipeline.synth import make_synthetic_set
+    from pipeline.training.synth import make_synthetic_set
 
     info = make_synthetic_set(directory, count=count, size=size, seed=seed, num_classes=num_classes)
     click.echo(f"wrote {count} images and masks ({size}x{size}, classes: {', '.join(info.class_names)}) "
@@ -51,7 +51,7 @@ def train(data, arch, out, epochs, batch_size, size, init, classes, lr, scale_ra
     The authors' recipe: random scale 0.5-2, crop, flip, SGD with the poly schedule,
     ignore index 255. Resumable: rerunning continues from OUT's saved state.
     """
-    from pipeline.train import train as train_fn
+    from pipeline.training.train import train as train_fn
 
     import drn
 
@@ -88,7 +88,7 @@ def eval_command(output, ground_truth, json_file, model, weights_sha256) -> None
     One confusion matrix over the whole set; ground-truth pixels of 255 are ignored;
     classes absent from both prediction and ground truth are left out of the mean.
     """
-    from pipeline.metrics import evaluate_output
+    from pipeline.tools.evaluate import evaluate_output
 
     try:
         scores = evaluate_output(output, ground_truth, model=model, weights_sha256=weights_sha256)

@@ -27,14 +27,14 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
-
-import click
+from typing import Any, Callable, Iterator
 
 from pipeline import spec as specmod
+from pipeline.cluster.manifests import job_metadata, shipped_spec, spec_toml
+from pipeline.errors import DrnLabelError
 
-__all__ = ["ClusterError", "auth_headers", "connect", "dashboard_url", "list_jobs", "logs",
-           "print_status", "register", "stop", "submit_command", "submit_spec"]
+__all__ = ["ClusterError", "auth_headers", "connect", "dashboard_url", "exit_code_for",
+           "failure_reason", "follow_logs", "job_state", "submit_spec", "wait_for"]
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 CONNECT_TIMEOUT_S = 10.0
@@ -45,11 +45,8 @@ EXIT_INTERRUPTED = 130
 TOKEN_HINT = "set RAY_AUTH_TOKEN (or the token file ~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH) to the cluster's token"
 
 
-class ClusterError(click.ClickException):
+class ClusterError(DrnLabelError):
     """A cluster that cannot be used; printed as one `error:` line, exit code 1."""
-
-    def show(self, file=None) -> None:  # noqa: D102 - same shape as `run`'s errors
-        click.echo(f"error: {self.format_message()}", err=True, file=file)
 
 
 # -- connecting -------------------------------------------------------------------------------
@@ -109,7 +106,7 @@ def _auth_headers_by_hand() -> dict[str, str]:
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
-def _reason(exc: BaseException) -> str:
+def network_reason(exc: BaseException) -> str:
     text = str(exc)
     for needle, reason in (("Connection refused", "connection refused"),
                            ("Name or service not known", "unknown host"),
@@ -149,9 +146,9 @@ def probe(url: str, headers: dict[str, str]) -> str:
     except requests.exceptions.Timeout:
         raise _unreachable(url, f"no answer within {CONNECT_TIMEOUT_S:.0f} s") from None
     except requests.exceptions.ConnectionError as exc:
-        raise _unreachable(url, _reason(exc)) from None
+        raise _unreachable(url, network_reason(exc)) from None
     except requests.exceptions.RequestException as exc:
-        raise ClusterError(f"{url} is not a usable address: {_reason(exc)}; check --address / "
+        raise ClusterError(f"{url} is not a usable address: {network_reason(exc)}; check --address / "
                            f"RAY_ADDRESS") from None
     failure = _auth_failure(url, response.status_code, response.text)
     if failure:
@@ -177,7 +174,7 @@ def cluster_errors(url: str, job_id: str | None = None) -> Iterator[None]:
         raise ClusterError(f"the Ray cluster at {url} refused the token: "
                            f"{str(exc).splitlines()[0]}; {TOKEN_HINT}") from None
     except (requests.exceptions.ConnectionError, ConnectionError) as exc:
-        raise _unreachable(url, _reason(exc)) from None
+        raise _unreachable(url, network_reason(exc)) from None
     except RuntimeError as exc:
         text = " ".join(str(exc).split())
         if job_id and "status code 404" in text:
@@ -198,28 +195,12 @@ def connect(address: str | None):
 
 
 # -- submitting ------------------------------------------------------------------------------
-def _absolute(value: str | None, *, must_exist: bool = False) -> str | None:
-    if not value or "://" in value:
-        return value
-    if must_exist and not os.path.exists(value):
-        return value  # a preset name (classes = "cityscapes"), not a path
-    return os.path.abspath(value)
-
-
-def shipped_spec(spec: specmod.JobSpec) -> specmod.JobSpec:
-    """The spec as the cluster runs it: local paths absolute, no client-side address."""
-    return spec.replace(input=_absolute(spec.input), output=_absolute(spec.output),
-                        weights=_absolute(spec.weights, must_exist=True),
-                        classes=_absolute(spec.classes, must_exist=True), address=None)
-
-
 def new_submission_id() -> str:
     return f"drn-label-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
 def submit_spec(client, url: str, spec: specmod.JobSpec, *, env: dict[str, str] | None = None) -> str:
     """Submit `spec` as `drn-label run --job job.toml`; returns the submission id."""
-    from pipeline.schedule import job_metadata, spec_toml
 
     source = spec.source
     spec = shipped_spec(spec)
@@ -237,20 +218,20 @@ def submit_spec(client, url: str, spec: specmod.JobSpec, *, env: dict[str, str] 
                                      submission_id=new_submission_id(), metadata=metadata)
 
 
-def _status(info) -> str:
+def job_state(info) -> str:
     status = info.status
     return getattr(status, "value", str(status))
 
 
-def wait_for(client, url: str, job_id: str, *, echo_states: bool = True):
-    """Poll until the job ends; report each state change on stderr. Returns its JobInfo."""
+def wait_for(client, url: str, job_id: str, *, on_state: Callable[[str], None] | None = None):
+    """Poll until the job ends, calling `on_state` with each new state. Returns its JobInfo."""
     last = None
     while True:
         with cluster_errors(url, job_id):
             info = client.get_job_info(job_id)
-        state = _status(info)
-        if echo_states and state != last:
-            click.echo(f"{job_id}: {state}", err=True)
+        state = job_state(info)
+        if on_state is not None and state != last:
+            on_state(state)
             last = state
         if state in TERMINAL:
             return info
@@ -281,241 +262,9 @@ def failure_reason(info) -> str:
 
 def exit_code_for(info) -> int:
     """0 when SUCCEEDED; else the driver's own exit code (3: error rate, 4: OUTPUT leased) or 1."""
-    if _status(info) == "SUCCEEDED":
+    if job_state(info) == "SUCCEEDED":
         return 0
     code = getattr(info, "driver_exit_code", None)
     return code if isinstance(code, int) and 0 < code < 128 else 1
 
 
-def _finish(info, job_id: str) -> None:
-    code = exit_code_for(info)
-    state = _status(info)
-    if code == 0:
-        click.echo(f"{job_id} SUCCEEDED", err=True)
-        return
-    reason = failure_reason(info)
-    click.echo(f"error: job {job_id} {state}{': ' + reason if reason else ''}; "
-               f"`drn-label logs {job_id}` shows more", err=True)
-    sys.exit(code)
-
-
-def _interrupted(job_id: str) -> None:
-    click.echo(f"\n{job_id} keeps running on the cluster; `drn-label stop {job_id}` stops it", err=True)
-    sys.exit(EXIT_INTERRUPTED)
-
-
-def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
-        env[key] = value
-    return env
-
-
-def submit_command() -> click.Command:
-    """`submit`, with every option of `run` (defined in pipeline.cli, which calls `register`)."""
-    from pipeline.cli import run_options, spec_from_cli
-
-    @click.command("submit")
-    @click.argument("input_", metavar="INPUT", required=False)
-    @click.argument("output", required=False)
-    @run_options
-    @click.option("--wait", is_flag=True,
-                  help="Wait for the job to end; exit 0 only when it SUCCEEDED.")
-    @click.option("--follow", is_flag=True, help="Stream the job's logs until it ends (implies --wait).")
-    @click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
-                  help="An environment variable for the job on the cluster (repeatable).")
-    def submit(input_, output, job_file, wait, follow, env_pairs, **options) -> None:
-        """Run a labelling job on a Ray cluster (the Ray Jobs API); print its submission id.
-
-        Takes what `run` takes: a --job spec and/or INPUT OUTPUT and flags. INPUT, OUTPUT and
-        weights must be where the cluster can read them (s3://, http(s)://, or a shared
-        path). --address (or RAY_ADDRESS) is the dashboard, http://HOST:8265.
-
-        \b
-        With --wait/--follow the exit code is 0 when the job SUCCEEDED, else the
-        driver's (3: error rate above --max-error-rate, 4: OUTPUT leased by another
-        run) or 1.
-        """
-        env = _parse_env(env_pairs)
-        spec = spec_from_cli(input_, output, job_file, **options)
-        client, url = connect(spec.address)
-        job_id = submit_spec(client, url, spec, env=env)
-        click.echo(job_id)
-        if not (wait or follow):
-            click.echo(f"follow it: drn-label logs {job_id} --follow   (status: drn-label status "
-                       f"{job_id}; stop: drn-label stop {job_id})", err=True)
-            return
-        try:
-            if follow:
-                follow_logs(client, url, job_id)
-            info = wait_for(client, url, job_id, echo_states=not follow)
-        except KeyboardInterrupt:
-            _interrupted(job_id)
-        _finish(info, job_id)
-
-    return submit
-
-
-# -- following ---------------------------------------------------------------------------------
-address_option = click.option(
-    "--address", default=None, envvar="RAY_ADDRESS",
-    help="Ray dashboard, http://HOST:8265 [env: RAY_ADDRESS].")
-
-
-def _when(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _duration(info) -> str:
-    if not info.start_time:
-        return "-"
-    end = info.end_time or time.time() * 1000
-    seconds = max(0, int((end - info.start_time) / 1000))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def _progress_line(info) -> str | None:
-    output = (info.metadata or {}).get("drn_label_output")
-    if not output:
-        return None
-    from pipeline.inspect import read_progress
-
-    try:
-        progress = read_progress(output)
-    except Exception as exc:  # noqa: BLE001 - any storage error: say so, the state still counts
-        return f"progress:   cannot read {output}/_progress.json from here ({_reason(exc)})"
-    if progress is None:
-        return "progress:   none yet (the run has not started labelling)"
-    p = progress
-    line = (f"progress:   {p.get('state')} run {p.get('run_id')}: {p.get('labelled', 0)}/{p.get('total', 0)} "
-            f"labelled ({p.get('labelled_ok', 0)} ok, {p.get('labelled_errors', 0)} errors), "
-            f"{p.get('committed', 0)} committed, {p.get('skipped', 0)} already labelled, "
-            f"{p.get('images_per_s') or 0:.1f} images/s")
-    if p.get("eta_s") and p.get("state") == "running":
-        line += f", ETA {p['eta_s']:.0f}s"
-    try:
-        started = datetime.fromisoformat(p["started_at"]).timestamp() * 1000
-        if info.start_time and started < info.start_time - 5000:
-            line += " (an earlier run's: this job has not written progress yet)"
-    except (KeyError, TypeError, ValueError):
-        pass
-    return line
-
-
-def print_status(job_id: str, address: str | None) -> None:
-    """The job's state, times and OUTPUT, plus the run's progress where OUTPUT is readable."""
-    if not (address or os.environ.get("RAY_ADDRESS")):
-        raise ClusterError(f"{job_id} is no OUTPUT here, and there is no Ray cluster to ask for a job "
-                           f"of that id: pass --address http://HOST:8265 or set RAY_ADDRESS")
-    client, url = connect(address)
-    with cluster_errors(url, job_id):
-        info = client.get_job_info(job_id)
-    meta = info.metadata or {}
-    click.echo(f"{job_id}: {_status(info)}")
-    if info.message:
-        click.echo(f"message:    {failure_reason(info)}")
-    click.echo(f"started:    {_when(info.start_time)}")
-    if info.end_time:
-        click.echo(f"ended:      {_when(info.end_time)}")
-    click.echo(f"duration:   {_duration(info)}")
-    click.echo(f"entrypoint: {info.entrypoint}")
-    if getattr(info, "driver_exit_code", None) is not None:
-        click.echo(f"exit code:  {info.driver_exit_code}")
-    for key in ("drn_label_input", "drn_label_output", "drn_label_model", "drn_label_spec"):
-        if meta.get(key):
-            click.echo(f"{key[len('drn_label_'):] + ':':<11} {meta[key]}")
-    line = _progress_line(info)
-    if line:
-        click.echo(line)
-
-
-@click.command()
-@click.argument("job_id", metavar="ID")
-@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
-@address_option
-def logs(job_id: str, follow: bool, address: str | None) -> None:
-    """Print the logs of submitted job ID (its driver's stdout and stderr)."""
-    client, url = connect(address)
-    if follow:
-        try:
-            follow_logs(client, url, job_id)
-        except KeyboardInterrupt:
-            sys.exit(EXIT_INTERRUPTED)
-        return
-    with cluster_errors(url, job_id):
-        text = client.get_job_logs(job_id)
-    sys.stdout.write(text)
-
-
-@click.command()
-@click.argument("job_id", metavar="ID")
-@click.option("--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
-              help="Seconds to wait for the job to reach STOPPED.")
-@click.option("--no-wait", is_flag=True, help="Ask the job to stop and return at once.")
-@address_option
-def stop(job_id: str, timeout: float, no_wait: bool, address: str | None) -> None:
-    """Stop submitted job ID and wait until it is STOPPED.
-
-    The labels it committed stay; rerunning the same spec labels only the rest.
-    """
-    client, url = connect(address)
-    with cluster_errors(url, job_id):
-        info = client.get_job_info(job_id)
-        if _status(info) in TERMINAL:
-            click.echo(f"{job_id} already {_status(info)}: nothing to stop")
-            return
-        client.stop_job(job_id)
-    deadline = time.monotonic() + (0 if no_wait else timeout)
-    while True:
-        with cluster_errors(url, job_id):
-            state = _status(client.get_job_info(job_id))
-        if state in TERMINAL:
-            suffix = "" if state == "STOPPED" else " (it ended before the stop took effect)"
-            click.echo(f"{job_id}: {state}{suffix}")
-            return
-        if time.monotonic() >= deadline:
-            click.echo(f"{job_id} is stopping (still {state}); `drn-label status {job_id}` "
-                       f"shows when it has stopped")
-            return
-        time.sleep(POLL_S / 2)
-
-
-@click.command("list")
-@click.option("--all", "show_all", is_flag=True, help="Also list jobs that drn-label did not submit.")
-@address_option
-def list_jobs(show_all: bool, address: str | None) -> None:
-    """List the jobs submitted to the cluster, oldest first."""
-    client, url = connect(address)
-    with cluster_errors(url):
-        jobs = client.list_jobs()
-    rows = []
-    for job in jobs:
-        if not job.submission_id:
-            continue  # a driver that connected by itself, not a submitted job
-        meta = job.metadata or {}
-        if not show_all and "drn_label_output" not in meta:
-            continue
-        rows.append((job.start_time or 0, job.submission_id, _status(job), _when(job.start_time),
-                     _duration(job), meta.get("drn_label_output", "-")))
-    if not rows:
-        click.echo(f"no {'' if show_all else 'drn-label '}jobs on the Ray cluster at {url}")
-        return
-    rows.sort()
-    widths = [max(len(r[i]) for r in rows + [(0, "ID", "STATUS", "STARTED", "DURATION", "OUTPUT")])
-              for i in range(1, 5)]
-    header = ("ID", "STATUS", "STARTED", "DURATION")
-    click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  OUTPUT")
-    for row in rows:
-        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row[1:5], widths)) + f"  {row[5]}")
-
-
-def register(group: click.Group) -> None:
-    """Add submit, logs, stop and list to `group` (pipeline.cli calls this once `run_options` exists)."""
-    for command in (submit_command(), logs, stop, list_jobs):
-        group.add_command(command)

@@ -25,18 +25,17 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
-
 from pipeline import spec as specmod
+from pipeline.errors import UsageError
 
-__all__ = ["KINDS", "ClusterShape", "cluster_shape", "render", "render_objects", "schedule",
-           "spec_toml"]
+__all__ = ["KINDS", "ClusterShape", "cluster_shape", "local_path_warning", "render",
+           "render_objects", "shipped_spec", "spec_toml"]
 
 KINDS = ("raycronjob", "rayjob", "cronjob", "raycluster", "launcher")
 RAY_VERSION = "2.60.0"  # the Ray the images in deploy/Dockerfile are built on
@@ -97,7 +96,7 @@ def cluster_shape(spec: specmod.JobSpec, *, gpus_per_node: int = 1,
     decode_room = 2 * spec.decode_cpus
     if spec.gpus_per_worker > 0:
         if spec.gpus_per_worker > gpus_per_node:
-            raise click.UsageError(
+            raise UsageError(
                 f"gpus_per_worker {spec.gpus_per_worker:g} is more than --gpus-per-node "
                 f"{gpus_per_node}: one actor must fit on one node")
         per_node = max(1, int(gpus_per_node // spec.gpus_per_worker + 1e-9))
@@ -118,14 +117,25 @@ def job_name(spec: specmod.JobSpec) -> str:
     raw = spec.schedule.name or ("drn-label-" + Path(spec.source).stem if spec.source else "drn-label")
     name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")[:40].rstrip("-")
     if not name:
-        raise click.UsageError(f"schedule.name {raw!r} has no letters or digits for a Kubernetes name")
+        raise UsageError(f"schedule.name {raw!r} has no letters or digits for a Kubernetes name")
     return name
 
 
-def _portable(spec: specmod.JobSpec) -> specmod.JobSpec:
-    """The spec as it runs inside the cluster: the cluster's own Ray, no client address."""
-    return spec.replace(address=None, source=None,
-                        schedule=dataclasses.replace(spec.schedule, address=None))
+def _absolute(value: str | None, *, must_exist: bool = False) -> str | None:
+    if not value or "://" in value:
+        return value
+    if must_exist and not os.path.exists(value):
+        return value  # a preset name (classes = "cityscapes"), not a path
+    return os.path.abspath(value)
+
+
+def shipped_spec(spec: specmod.JobSpec) -> specmod.JobSpec:
+    """The spec as a cluster runs it (`submit` and every rendered manifest): local paths
+    absolute, the cluster's own Ray (no client-side address), no source file."""
+    return spec.replace(input=_absolute(spec.input), output=_absolute(spec.output),
+                        weights=_absolute(spec.weights, must_exist=True),
+                        classes=_absolute(spec.classes, must_exist=True), address=None,
+                        source=None, schedule=dataclasses.replace(spec.schedule, address=None))
 
 
 # -- Kubernetes objects ---------------------------------------------------------------------------
@@ -134,7 +144,7 @@ def _labels(name: str) -> dict[str, str]:
 
 
 def config_map(spec: specmod.JobSpec, name: str) -> dict:
-    text = spec_toml(_portable(spec), header=f"Rendered by `drn-label schedule` from {spec.source or 'flags'}.")
+    text = spec_toml(shipped_spec(spec), header=f"Rendered by `drn-label schedule` from {spec.source or 'flags'}.")
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -356,9 +366,9 @@ class RenderOptions:
 def render_objects(spec: specmod.JobSpec, kind: str, options: RenderOptions = RenderOptions()) -> list[dict]:
     """The objects (or, for `launcher`, the one config) that run `spec` as `kind`."""
     if kind not in KINDS:
-        raise click.UsageError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
+        raise UsageError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
     if kind in ("raycronjob", "cronjob") and not spec.schedule.cron:
-        raise click.UsageError(f"--kind {kind} needs a schedule: --cron '0 2 * * *' or "
+        raise UsageError(f"--kind {kind} needs a schedule: --cron '0 2 * * *' or "
                                f"`cron = ...` under [schedule] in the job spec")
     name = job_name(spec)
     shape = cluster_shape(spec, gpus_per_node=options.gpus_per_node, node_cpus=options.node_cpus)
@@ -425,65 +435,10 @@ def render(spec: specmod.JobSpec, kind: str, options: RenderOptions = RenderOpti
     return text + "---\n".join(docs)
 
 
-def _local_path_warning(spec: specmod.JobSpec) -> str | None:
+def local_path_warning(spec: specmod.JobSpec) -> str | None:
     local = [f"{key} {value}" for key, value in (("input", spec.input), ("output", spec.output))
              if value and "://" not in value]
     if not local:
         return None
     return (f"warning: {' and '.join(local)}: local paths, which the cluster must see at the same "
             f"path (a shared volume); s3:// URIs work everywhere")
-
-
-# -- the command -------------------------------------------------------------------------------
-@click.command()
-@click.option("--job", "job_file", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="TOML job spec; its [schedule] table gives the defaults of the flags below.")
-@click.option("--cron", default=None, help='Cron schedule, e.g. "0 2 * * *" (raycronjob, cronjob).')
-@click.option("--time-zone", default=None, help="IANA time zone of the schedule [default: UTC].")
-@click.option("--image", default=None, help="Container image with drn-label installed (deploy/Dockerfile).")
-@click.option("--kind", type=click.Choice(KINDS), default=None,
-              help="What to render [default: the spec's schedule.kind, else raycronjob].")
-@click.option("--namespace", default=None, help="Kubernetes namespace [default: default].")
-@click.option("--name", default=None, help="Object name [default: drn-label-<spec file name>].")
-@click.option("--address", default=None,
-              help="Dashboard of the long-lived cluster (cronjob) [default: the RayCluster --kind "
-                   "raycluster renders].")
-@click.option("--gpus-per-node", type=click.IntRange(min=1), default=1, show_default=True,
-              help="GPUs per worker node.")
-@click.option("--node-cpus", type=click.IntRange(min=1), default=None,
-              help="CPUs per worker node [default: enough for its actors plus decoding, at least 8].")
-@click.option("--deadline", "deadline_s", type=click.IntRange(min=60), default=DEFAULT_DEADLINE_S,
-              show_default=True, help="Seconds a run may take (activeDeadlineSeconds).")
-@click.option("--ttl", "ttl_s", type=click.IntRange(min=0), default=DEFAULT_TTL_S, show_default=True,
-              help="Seconds a finished run is kept (ttlSecondsAfterFinished).")
-@click.option("--out", "out", type=click.Path(dir_okay=False, writable=True, path_type=Path),
-              default=None, help="Write the YAML here [default: stdout].")
-def schedule(job_file: Path, cron, time_zone, image, kind, namespace, name, address, gpus_per_node,
-             node_cpus, deadline_s, ttl_s, out: Path | None) -> None:
-    """Render the manifests that run a job spec on Kubernetes (or a `ray up` config).
-
-    \b
-      drn-label schedule --job jobs/nightly-s3.toml --cron "0 2 * * *" | kubectl apply -f -
-    """
-    try:
-        spec = specmod.load_spec(job_file)
-        overrides = {"schedule_cron": cron, "schedule_time_zone": time_zone, "schedule_image": image,
-                     "schedule_namespace": namespace, "schedule_name": name,
-                     "schedule_address": address}
-        if kind in specmod.SCHEDULE_KINDS:
-            overrides["schedule_kind"] = kind
-        spec = specmod.merge(spec, overrides).validate()
-    except specmod.SpecError as exc:
-        raise click.UsageError(str(exc)) from None
-    warning = _local_path_warning(spec)
-    if warning:
-        click.echo(warning, err=True)
-    options = RenderOptions(gpus_per_node=gpus_per_node, node_cpus=node_cpus, deadline_s=deadline_s,
-                            ttl_s=ttl_s)
-    text = render(spec, kind or spec.schedule.kind, options)
-    if out is None:
-        sys.stdout.write(text)
-    else:
-        out.write_text(text)
-        click.echo(f"wrote {out}", err=True)

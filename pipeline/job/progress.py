@@ -1,6 +1,6 @@
 """Progress of a running job: counts aggregated by an actor, shown and saved by the driver.
 
-Workers report labelled and committed rows to a named actor; a driver thread polls it
+Workers report labelled and committed rows to an actor whose handle they are given; a driver thread polls it
 every few seconds, writes ``OUTPUT/_progress.json`` and prints a live line on a terminal
 (plain periodic lines otherwise). ``drn-label status OUTPUT`` prints the file.
 """
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, TextIO
 
-from pipeline.output import PROGRESS_FILE
+from pipeline.store.output import PROGRESS_FILE
 
 
 def utc_now() -> str:
@@ -73,29 +73,12 @@ class ProgressCounter:
                     first_t=self.first_t, first_n=self.first_n, last_t=self.last_t)
 
 
-_counters: dict[str, object] = {}
-
-
-def counter(name: str | None):
-    """The run's progress actor by name, looked up once per worker process (None if absent)."""
-    if not name:
-        return None
-    handle = _counters.get(name)
-    if handle is None:
-        import ray
-
-        try:
-            handle = _counters[name] = ray.get_actor(name, namespace="drn_label")
-        except Exception:  # noqa: BLE001 - progress must never fail the work it reports
-            return None
-    return handle
-
-
-def start_counter_actor(name: str):
+def start_counter_actor():
+    """The run's progress actor; its handle travels to predict actors and write tasks."""
     import ray
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(ProgressCounter)
-    return actor_cls.options(name=name, namespace="drn_label", lifetime=None).remote()
+    return actor_cls.remote()
 
 
 def format_line(p: Progress) -> str:

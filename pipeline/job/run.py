@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, TextIO
 
@@ -22,30 +22,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline.output import (LEASE_FILE, PROGRESS_FILE, RUNS_DIR, SCHEMA, OutputMetadata,
-                             data_files, open_dataset, schema_with_metadata)
-from pipeline.progress import Progress, ProgressReporter
-from pipeline.sink import (TMP_DIR, LeaseLost, lease_holder, read_bytes_or_none,
-                           write_bytes_atomic, write_table_atomic)
-from pipeline.sources import list_inputs, resolve
+from pipeline.errors import EXIT_ERROR_RATE, EXIT_OK, JobError
+from pipeline.job.progress import Progress, ProgressReporter
+from pipeline.job.stages import ModelSpec, RowIdentity
 from pipeline.spec import JobSpec
-from pipeline.stages import ModelSpec, RowIdentity
+from pipeline.store.fs import resolve, write_bytes_atomic
+from pipeline.store.lease import (LeaseLost, acquire_lease, heartbeat_lease, lease_holder,
+                                  release_lease)
+from pipeline.store.output import PROGRESS_FILE, RUNS_DIR, OutputMetadata, schema_with_metadata
+from pipeline.store.reconcile import (clean_tmp, drop_replaced_rows, existing_rows, has_duplicates,
+                                      remove_identity_rows)
+from pipeline.store.sources import list_inputs
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_ERROR_RATE, EXIT_LEASE = 0, 1, 3, 4
-LEASE_TTL_S = 60.0
 INPUT_BLOCK_ROWS = 16
-
-
-class JobError(RuntimeError):
-    """A job that cannot start or finish; the message says why and what to do."""
-
-    exit_code = EXIT_FAILED
-
-
-class LeaseHeld(JobError):
-    exit_code = EXIT_LEASE
 
 
 @dataclass
@@ -103,193 +94,8 @@ def describe_model(spec: JobSpec):
         raise JobError(f"cannot build model {spec.model}"
                        f"{' from ' + spec.weights if spec.weights else ''}: {message}") from None
     cfg = model.drn_config
-    label_set = cfg.label_set
-    n = cfg.num_classes
-    if label_set is not None:
-        classes, palette = tuple(label_set.class_names), tuple(tuple(c) for c in label_set.palette)
-        mean, std, ignore = tuple(label_set.mean), tuple(label_set.std), label_set.ignore_index
-    else:
-        classes = tuple(f"class_{i}" for i in range(n))
-        palette = tuple(default_palette(n))
-        mean, std, ignore = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255
-    meta = OutputMetadata(model=spec.model, weights=spec.weights, weights_sha256=cfg.weights_sha256,
-                          num_classes=n, classes=classes, palette=palette, mean=mean, std=std,
-                          ignore_index=ignore)
     del model
-    return meta
-
-
-def default_palette(n: int) -> list[tuple[int, int, int]]:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(n)]
-
-
-# -- lease: one writer per OUTPUT ---------------------------------------------------------
-def _pid_namespace() -> str | None:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
-def _process_started(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def _holder_is_gone(lease: dict) -> bool:
-    """Whether the lease was written by a process of this machine that no longer exists.
-
-    Only a lease from this host and pid namespace can be checked; a pid that is alive but
-    now belongs to a younger process (pid reuse) counts as gone. Anything else is assumed
-    alive until its heartbeat expires.
-    """
-    pid = lease.get("pid")
-    if (lease.get("host") != socket.gethostname() or lease.get("pid_ns") != _pid_namespace()
-            or not isinstance(pid, int) or pid <= 0):
-        return False
-    started = _process_started(pid)
-    if started is None:
-        return True
-    recorded = lease.get("pid_started")
-    return isinstance(recorded, (int, float)) and abs(started - recorded) > 1.0
-
-
-def acquire_lease(output: str, run_id: str) -> None:
-    raw = read_bytes_or_none(output, LEASE_FILE)
-    if raw:
-        try:
-            lease = json.loads(raw)
-        except ValueError:
-            lease = {}
-        age = time.time() - float(lease.get("heartbeat", 0))
-        holder = lease.get("run_id")
-        gone = holder != run_id and age < LEASE_TTL_S and _holder_is_gone(lease)
-        if holder != run_id and age < LEASE_TTL_S and not gone:
-            raise LeaseHeld(
-                f"OUTPUT {output} is being written by run {holder} "
-                f"(host {lease.get('host')}, pid {lease.get('pid')}, last seen {age:.0f}s ago); "
-                f"wait for it to finish (`drn-label status {output}`), or remove {LEASE_FILE} "
-                f"if that run is dead (it expires {LEASE_TTL_S:.0f}s after its last heartbeat)")
-        if gone:
-            log.warning("taking over the lease of run %s: its process (pid %s on this host) "
-                        "is gone", holder, lease.get("pid"))
-        elif holder and holder != run_id:
-            log.warning("taking over the expired lease of run %s", holder)
-    renew_lease(output, run_id)
-    # Last writer wins: read back after a moment so two simultaneous starters agree.
-    time.sleep(0.2)
-    holder = lease_holder(output)
-    if holder != run_id:
-        raise LeaseHeld(f"OUTPUT {output} was taken by run {holder} as this run started; "
-                        f"wait for it to finish (`drn-label status {output}`)")
-
-
-def renew_lease(output: str, run_id: str) -> None:
-    lease = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-             "pid_ns": _pid_namespace(), "pid_started": _process_started(os.getpid()),
-             "heartbeat": time.time()}
-    write_bytes_atomic(output, LEASE_FILE, json.dumps(lease).encode())
-
-
-def heartbeat_lease(output: str, run_id: str) -> None:
-    """Keep this run's lease fresh, but never write over a lease another run has taken
-    (the sink then refuses to commit, see `pipeline.sink.check_lease`)."""
-    holder = lease_holder(output)
-    if holder is not None and holder != run_id:
-        log.error("run %s lost the lease on OUTPUT %s to run %s", run_id, output, holder)
-        return
-    renew_lease(output, run_id)
-
-
-def release_lease(output: str, run_id: str) -> None:
-    if lease_holder(output) == run_id:
-        fs, root = resolve(output)
-        fs.delete_file(f"{root}/{LEASE_FILE}")
-
-
-# -- what is already done -----------------------------------------------------------------
-def existing_rows(output: str, meta: OutputMetadata,
-                  columns: tuple[str, ...] = ("image_id", "status", "run_id")) -> pa.Table:
-    """`columns` of the committed rows with this model identity."""
-    dataset = open_dataset(output)
-    if dataset is None:
-        return pa.table({c: pa.array([], SCHEMA.field(c).type) for c in columns})
-    flt = (pc.field("model") == meta.model) & (pc.field("weights_sha256") == meta.weights_sha256)
-    return dataset.to_table(columns=list(columns), filter=flt)
-
-
-def has_duplicates(image_ids: pa.ChunkedArray) -> bool:
-    return len(image_ids) > 0 and len(pc.unique(image_ids)) < len(image_ids)
-
-
-def remove_identity_rows(output: str, meta: OutputMetadata) -> int:
-    """--overwrite: drop every committed row of this model identity (file by file, atomically)."""
-    return _rewrite_files(output, lambda t: pc.invert(
-        pc.and_(pc.equal(t["model"], meta.model), pc.equal(t["weights_sha256"], meta.weights_sha256))))
-
-
-def drop_replaced_rows(output: str, meta: OutputMetadata) -> int:
-    """Keep one row per image of this model identity: an ok row over an error row, else
-    the newest row. --retry-errors writes the new row beside the old error row and
-    removes the old one here; a run killed before this step leaves both, and the next
-    run finishes the job (`_run_leased` calls this whenever it finds duplicates)."""
-    rows = existing_rows(output, meta, ("image_id", "status", "run_id", "labelled_at"))
-    counts = pc.value_counts(rows["image_id"])
-    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    if len(repeated) == 0:
-        return 0
-    best: dict[str, tuple] = {}
-    for row in rows.filter(pc.is_in(rows["image_id"], repeated)).to_pylist():
-        rank = (row["status"] == "ok", row["labelled_at"], row["run_id"])
-        if row["image_id"] not in best or rank > best[row["image_id"]]:
-            best[row["image_id"]] = rank
-
-    def keep(t: pa.Table):
-        same = pc.and_(pc.equal(t["model"], meta.model), pc.equal(t["weights_sha256"], meta.weights_sha256))
-        candidates = pc.and_(same, pc.is_in(t["image_id"], repeated)).to_pylist()
-        mask = [True] * t.num_rows
-        picked = t.select(["image_id", "status", "run_id", "labelled_at"]).to_pylist()
-        for i, candidate in enumerate(candidates):
-            if candidate:
-                row = picked[i]
-                mask[i] = (row["status"] == "ok", row["labelled_at"], row["run_id"]) == best[row["image_id"]]
-        return pa.array(mask)
-
-    return _rewrite_files(output, keep)
-
-
-def _rewrite_files(output: str, keep: Callable[[pa.Table], pa.Array]) -> int:
-    import pyarrow.parquet as pq
-
-    fs, root = resolve(output)
-    dropped = 0
-    for path in data_files(output):
-        table = pq.read_table(path, filesystem=fs)
-        mask = keep(table)
-        kept = table.filter(mask)
-        if kept.num_rows == table.num_rows:
-            continue
-        dropped += table.num_rows - kept.num_rows
-        name = path[len(root):].lstrip("/")
-        if kept.num_rows == 0:
-            fs.delete_file(path)
-        else:
-            write_table_atomic(output, name, kept.replace_schema_metadata(table.schema.metadata))
-    return dropped
-
-
-def clean_tmp(output: str) -> None:
-    """Remove what killed writers left half-written (never visible to readers)."""
-    fs, root = resolve(output)
-    if fs.get_file_info(f"{root}/{TMP_DIR}").type == pafs.FileType.Directory:
-        fs.delete_dir(f"{root}/{TMP_DIR}")
+    return OutputMetadata.from_model(spec.model, spec.weights, cfg)
 
 
 # -- Ray ------------------------------------------------------------------------------------
@@ -329,11 +135,11 @@ def default_torch_threads(spec: JobSpec) -> int | None:
 
 
 def build_dataset(spec: JobSpec, todo: pa.Table, meta: OutputMetadata, run_id: str,
-                  progress_actor: str | None):
+                  progress=None):
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.stages import PredictActor, decode_batch, encode_batch
+    from pipeline.job.stages import PredictActor, decode_batch, encode_batch
 
     chunks = [todo.slice(i, INPUT_BLOCK_ROWS) for i in range(0, todo.num_rows, INPUT_BLOCK_ROWS)]
     ds = ray.data.from_arrow(chunks)
@@ -353,7 +159,7 @@ def build_dataset(spec: JobSpec, todo: pa.Table, meta: OutputMetadata, run_id: s
                            tta_flip=spec.tta and spec.tta_flip)
     ds = ds.map_batches(PredictActor, batch_format="pyarrow", batch_size=spec.batch_size,
                         compute=ActorPoolStrategy(size=spec.workers),
-                        fn_constructor_args=(model_spec, progress_actor), num_cpus=spec.cpus_per_worker,
+                        fn_constructor_args=(model_spec, progress), num_cpus=spec.cpus_per_worker,
                         num_gpus=spec.gpus_per_worker or None)
     identity = RowIdentity(model=meta.model, weights_sha256=meta.weights_sha256, run_id=run_id,
                            num_classes=meta.num_classes, png_compression=spec.png_compression)
@@ -384,13 +190,31 @@ def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
         raise JobError(str(exc)) from None
     acquire_lease(output, run_id)
     try:
-        return _run_leased(spec, meta, inputs, run_id, output, t_start, echo, stream)
+        return _run_leased(RunContext(spec=spec, meta=meta, inputs=inputs, run_id=run_id,
+                                      output=output, t_start=t_start, echo=echo, stream=stream))
     finally:
         release_lease(output, run_id)
 
 
-def _run_leased(spec, meta, inputs, run_id, output, t_start, echo, stream) -> RunResult:
+@dataclass(frozen=True)
+class RunContext:
+    """What a leased run works from (all fixed before the lease is taken)."""
+
+    spec: JobSpec
+    meta: OutputMetadata
+    inputs: pa.Table
+    run_id: str
+    output: str
+    t_start: float
+    echo: Callable[[str], None]
+    stream: TextIO | None
+
+
+def _run_leased(ctx: RunContext) -> RunResult:
     import ray
+
+    spec, meta, inputs, run_id, output = ctx.spec, ctx.meta, ctx.inputs, ctx.run_id, ctx.output
+    t_start, echo, stream = ctx.t_start, ctx.echo, ctx.stream
 
     clean_tmp(output)
     if spec.overwrite:
@@ -421,23 +245,22 @@ def _run_leased(spec, meta, inputs, run_id, output, t_start, echo, stream) -> Ru
             started_ray = ensure_ray(spec.address)
             from ray.data import DataContext
 
-            from pipeline.progress import start_counter_actor
-            from pipeline.sink import make_datasink
+            from pipeline.job.progress import start_counter_actor
+            from pipeline.job.sink import LabelDatasink
 
-            ctx = DataContext.get_current()
-            ctx.enable_progress_bars = False
-            ctx.print_on_execution_start = False
-            actor_name = f"progress-{run_id}"
-            counter = start_counter_actor(actor_name)
+            data_ctx = DataContext.get_current()
+            data_ctx.enable_progress_bars = False
+            data_ctx.print_on_execution_start = False
+            counter = start_counter_actor()
             result.startup_s = time.time() - t_start
             reporter = ProgressReporter(progress, lambda: ray.get(counter.snapshot.remote(), timeout=10),
                                         save=save, stream=stream,
                                         heartbeat=lambda: heartbeat_lease(output, run_id)).start()
-            sink = make_datasink(output, run_id=run_id, schema=schema_with_metadata(meta),
-                                 rows_per_file=spec.rows_per_file, progress_actor=actor_name)
+            sink = LabelDatasink(output, run_id=run_id, schema=schema_with_metadata(meta),
+                                 rows_per_file=spec.rows_per_file, progress=counter)
             t_label = time.time()
             try:
-                build_dataset(spec, todo, meta, run_id, actor_name).write_datasink(sink)
+                build_dataset(spec, todo, meta, run_id, counter).write_datasink(sink)
             except Exception as exc:  # noqa: BLE001 - only a lost lease is translated
                 lost = _find_cause(exc, LeaseLost)
                 if lost is None:

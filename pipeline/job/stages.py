@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from pipeline.output import SCHEMA, class_fraction_of, encode_mask, mask_dtype
+from pipeline.store.output import SCHEMA, class_fraction_of, encode_mask, mask_dtype
 
 # Columns between decode and predict: the source size, the inference size, raw RGB bytes.
 DECODED = pa.schema([
@@ -39,8 +39,8 @@ def one_line(text: str) -> str:
 # -- decode (CPU tasks) ------------------------------------------------------------------
 def decode_batch(batch: pa.Table, *, max_side: int, retries: int) -> pa.Table:
     """Read and decode each row's image; errors become rows."""
-    from pipeline.decode import decode_image, fit_max_side
-    from pipeline.sources import read_bytes
+    from pipeline.store.decode import decode_image, fit_max_side
+    from pipeline.store.sources import read_bytes
 
     out: dict[str, list] = {name: [] for name in DECODED.names}
     for image_id, uri in zip(batch.column("image_id").to_pylist(), batch.column("uri").to_pylist()):
@@ -87,14 +87,14 @@ class ModelSpec:
 class PredictActor:
     """Holds one model for its lifetime; labels the ok rows of each batch."""
 
-    def __init__(self, spec: ModelSpec, progress_actor: str | None = None) -> None:
+    def __init__(self, spec: ModelSpec, progress=None) -> None:
         import torch
 
         from drn.predictor import Predictor
 
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
-        self.spec, self.progress_actor = spec, progress_actor
+        self.spec, self.progress = spec, progress
         model = spec.build()
         self.num_classes = model.drn_config.num_classes
         self.predictor = Predictor.from_model(model, device=spec.device, precision=spec.precision,
@@ -124,7 +124,7 @@ class PredictActor:
             out["class_fraction"][i] = pred.class_fraction.tolist()
             out["confidence"][i] = pred.confidence
         table = pa.table(out, schema=PREDICTED)
-        report_progress(self.progress_actor, table)
+        report_progress(self.progress, table)
         return table
 
 
@@ -140,7 +140,7 @@ class RowIdentity:
 
 def encode_batch(batch: pa.Table, *, identity: RowIdentity) -> pa.Table:
     """Masks to PNG at the source size; the final output rows (schema version 1)."""
-    from pipeline.decode import resize_mask
+    from pipeline.store.decode import resize_mask
 
     rows = batch.to_pydict()
     n = batch.num_rows
@@ -175,15 +175,12 @@ def encode_batch(batch: pa.Table, *, identity: RowIdentity) -> pa.Table:
     return table
 
 
-def report_progress(actor_name: str | None, table: pa.Table) -> None:
-    """Tell the run's progress actor about labelled rows (fire and forget)."""
-    from pipeline.progress import counter
-
-    handle = counter(actor_name)
-    if handle is None:
+def report_progress(progress, table: pa.Table) -> None:
+    """Tell the run's progress actor (a handle, or None) about labelled rows; fire and forget."""
+    if progress is None:
         return
     errors = sum(1 for s in table.column("status").to_pylist() if s != "ok")
     try:
-        handle.add_labelled.remote(table.num_rows - errors, errors, time.time())
+        progress.add_labelled.remote(table.num_rows - errors, errors, time.time())
     except Exception:  # noqa: BLE001 - progress must never fail a batch
         pass

@@ -12,6 +12,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from drn.labels import mask_dtype  # noqa: F401 - part of the contract: 8-bit up to 256 classes
+
 SCHEMA_VERSION = 1
 METADATA_KEY = b"drn_label"
 PROGRESS_FILE = "_progress.json"
@@ -73,6 +75,15 @@ class OutputMetadata:
         )
 
     @classmethod
+    def from_model(cls, arch: str, weights: str | None, config) -> "OutputMetadata":
+        """From a built model's ``drn_config`` (its label set is always set)."""
+        ls = config.label_set
+        return cls(model=arch, weights=weights, weights_sha256=config.weights_sha256,
+                   num_classes=config.num_classes, classes=tuple(ls.class_names),
+                   palette=tuple(tuple(c) for c in ls.palette), mean=tuple(ls.mean),
+                   std=tuple(ls.std), ignore_index=ls.ignore_index)
+
+    @classmethod
     def from_json(cls, text: str | bytes) -> "OutputMetadata":
         d = json.loads(text)
         return cls(
@@ -91,11 +102,6 @@ class OutputMetadata:
 
 def schema_with_metadata(meta: OutputMetadata) -> pa.Schema:
     return SCHEMA.with_metadata({METADATA_KEY: meta.to_json().encode()})
-
-
-def mask_dtype(num_classes: int) -> np.dtype:
-    """8-bit masks up to 256 classes, 16-bit above."""
-    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
 
 
 def encode_mask(mask: np.ndarray, compression: int = 4) -> bytes:
@@ -131,10 +137,19 @@ def class_fraction_of(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return (counts / max(mask.size, 1)).astype(np.float32)
 
 
+def error_reason(error: str | None) -> str:
+    """An error row's reason, for grouping: without the file name it starts with, and with
+    numbers as N ("a/x.jpg: not a decodable image (3 bytes)" -> "not a decodable image (N bytes)")."""
+    import re
+
+    return re.sub(r"\d+", "N", (error or "(no message)").split(": ", 1)[-1])
+
+
 def data_files(output: str) -> list[str]:
     """Committed Parquet data files under OUTPUT (skipping ``_``-prefixed names)."""
-    from pipeline.sources import resolve
     import pyarrow.fs as pafs
+
+    from pipeline.store.fs import resolve
 
     fs, root = resolve(output)
     info = fs.get_file_info(root)
@@ -149,85 +164,6 @@ def data_files(output: str) -> list[str]:
             continue
         files.append(f.path)
     return sorted(files)
-
-
-def open_dataset(output: str):
-    """A ``pyarrow.dataset`` over OUTPUT's committed data files (None when there are none)."""
-    import pyarrow.dataset as ds
-    from pipeline.sources import resolve
-
-    files = data_files(output)
-    if not files:
-        return None
-    fs, _ = resolve(output)
-    return ds.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA)
-
-
-def read_metadata(output: str) -> list[OutputMetadata]:
-    """The distinct ``drn_label`` metadata blocks found in OUTPUT's files."""
-    import pyarrow.parquet as pq
-    from pipeline.sources import resolve
-
-    fs, _ = resolve(output)
-    seen: dict[str, OutputMetadata] = {}
-    for path in data_files(output):
-        md = pq.read_schema(path, filesystem=fs).metadata or {}
-        raw = md.get(METADATA_KEY)
-        if raw is not None and raw not in seen:
-            seen[raw] = OutputMetadata.from_json(raw)
-    return list(seen.values())
-
-
-@dataclass(frozen=True)
-class MaskRow:
-    image_id: str
-    uri: str
-    status: str
-    error: str | None
-    mask: np.ndarray | None
-    class_scores: list[float] | None
-    class_fraction: list[float] | None
-    confidence: float | None
-    model: str
-    weights_sha256: str
-
-
-def read_masks(
-    output: str,
-    *,
-    columns: Sequence[str] = (),
-    status: str | None = "ok",
-    batch_size: int = 256,
-) -> Iterator[MaskRow]:
-    """Iterate OUTPUT's rows with masks decoded, streaming (bounded memory).
-
-    ``status="ok"`` (default) skips error rows; ``None`` yields every row.
-    """
-    import pyarrow.compute as pc
-
-    dataset = open_dataset(output)
-    if dataset is None:
-        return
-    wanted = [
-        "image_id", "uri", "status", "error", "mask", "class_scores",
-        "class_fraction", "confidence", "model", "weights_sha256", *columns,
-    ]
-    flt = pc.field("status") == status if status else None
-    for batch in dataset.to_batches(columns=list(dict.fromkeys(wanted)), filter=flt,
-                                    batch_size=batch_size):
-        for row in batch.to_pylist():
-            yield MaskRow(
-                image_id=row["image_id"],
-                uri=row["uri"],
-                status=row["status"],
-                error=row["error"],
-                mask=decode_mask(row["mask"]),
-                class_scores=row["class_scores"],
-                class_fraction=row["class_fraction"],
-                confidence=row["confidence"],
-                model=row["model"],
-                weights_sha256=row["weights_sha256"],
-            )
 
 
 def to_json_safe(value: Any) -> Any:

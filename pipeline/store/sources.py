@@ -24,13 +24,13 @@ import os
 import posixpath
 import random
 import re
-import threading
 import time
-from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+
+from pipeline.store.fs import SCHEME_RE, resolve, split_uri, to_uri
 
 __all__ = [
     "IMAGE_EXTENSIONS", "INPUT_SCHEMA", "InputError", "ReadError", "is_transient",
@@ -46,7 +46,6 @@ MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 
 _IMAGE_RE = r"(?i)\.(" + "|".join(IMAGE_EXTENSIONS) + r")$"
 _HIDDEN_RE = r"(^|/)\."
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -75,90 +74,12 @@ class ReadError(OSError):
         return (type(self), (self.uri, self.reason, self.attempts, self.transient))
 
 
-# -- resolving URIs ------------------------------------------------------------------------
-_FS_CACHE: dict[tuple, pafs.FileSystem] = {}
-_FS_LOCK = threading.Lock()
-
-
-def _split(uri: str) -> tuple[str, str]:
-    """(scheme, path as pyarrow wants it): "local" -> absolute path, "s3" -> bucket/key.
-    Trailing slashes are dropped."""
-    match = _SCHEME_RE.match(uri)
-    scheme = match.group(1).lower() if match else ""
-    if scheme == "s3":
-        path = uri[match.end():].strip("/")
-        if not path:
-            raise ValueError(f"{uri}: an s3:// URI needs a bucket name (s3://bucket/key)")
-        return "s3", path
-    if scheme == "file":
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"{uri}: file:// URIs must name a local path (file:///path)")
-        return "local", _local_path(unquote(parts.path))
-    if scheme:
-        raise ValueError(f"{uri}: unsupported scheme '{scheme}://' "
-                         "(use a local path, file:// or s3://)")
-    return "local", _local_path(uri)
-
-
-def _local_path(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path)) if path else os.getcwd()
-
-
-def to_uri(scheme: str, path: str) -> str:
-    """The inverse of resolution: a local path stays a path; s3 gets its scheme back."""
-    return f"s3://{path}" if scheme == "s3" else path
-
-
-def _s3_filesystem() -> pafs.FileSystem:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    access_key = os.environ.get("AWS_ACCESS_KEY_ID")
-    secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    session_token = os.environ.get("AWS_SESSION_TOKEN")
-    # The credentials' key id is part of the key so that a changed environment (tests,
-    # a rotated key) gets a new client; the secret itself is not kept in the key.
-    key = ("s3", endpoint, region, access_key, session_token is not None)
-    with _FS_LOCK:
-        fs = _FS_CACHE.get(key)
-        if fs is not None:
-            return fs
-        kwargs: dict = {}
-        if endpoint:
-            parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-            kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
-            kwargs["scheme"] = parts.scheme
-        if region:
-            kwargs["region"] = region
-        if access_key and secret_key:  # otherwise the SDK's default chain (profile, IMDS, IRSA)
-            kwargs.update(access_key=access_key, secret_key=secret_key)
-            if session_token:
-                kwargs["session_token"] = session_token
-        fs = pafs.S3FileSystem(**kwargs)
-        _FS_CACHE[key] = fs
-        return fs
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem that holds `uri` and the path on it (no trailing slash).
-
-    Local paths (relative ones against the working directory), ``file://`` and
-    ``s3://bucket/key``. S3 honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (with its
-    http/https scheme), AWS_REGION / AWS_DEFAULT_REGION and the usual credential
-    variables, read when a filesystem is first made; filesystems are cached per process.
-    """
-    scheme, path = _split(uri)
-    if scheme == "s3":
-        return _s3_filesystem(), path
-    return pafs.LocalFileSystem(), path
-
-
 # -- listing inputs --------------------------------------------------------------------------
 def list_inputs(input: str) -> pa.Table:  # noqa: A002 - the CLI's name for it
     """The images INPUT names, as a table of `image_id` and `uri` (strings), sorted by
     image_id. Raises InputError, naming INPUT and the fix, when nothing can be listed."""
     try:
-        scheme, path = _split(input)
+        scheme, path = split_uri(input)
         fs, _ = resolve(input)
     except ValueError as exc:
         raise InputError(f"input {exc}") from None
@@ -326,7 +247,7 @@ def _as_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def _resolve_relative(written: pa.Array, scheme: str, folder: str) -> pa.Array:
     """URIs as written, with relative ones joined onto the manifest's folder."""
-    absolute = pc.or_(pc.match_substring_regex(written, _SCHEME_RE.pattern),
+    absolute = pc.or_(pc.match_substring_regex(written, SCHEME_RE.pattern),
                       pc.starts_with(written, "/"))
     if pc.all(absolute).as_py():
         return written
@@ -437,7 +358,7 @@ def read_bytes(uri: str, *, retries: int = 3, backoff: float = 0.2,
             if filesystem is None:
                 fs, path = resolve(uri)
             else:
-                fs, path = filesystem, _split(uri)[1]
+                fs, path = filesystem, split_uri(uri)[1]
             with fs.open_input_stream(path) as stream:
                 return stream.read()
         except (OSError, pa.ArrowException, ValueError) as exc:

@@ -24,9 +24,11 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
-import click
 import numpy as np
+
+from pipeline.errors import JobError
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -34,7 +36,7 @@ def make_images(root: Path, count: int, size: int, *, fmt: str = "jpg", seed: in
     """`count` synthetic scenes of size x size as JPEG (or PNG) files; cached by name."""
     import cv2
 
-    from pipeline.synth import render_sample
+    from pipeline.training.synth import render_sample
 
     root.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -145,8 +147,9 @@ def bench_naive(arch: str, num_classes: int, files: list[Path], out: Path, devic
     import drn
 
     model = drn.create_model(arch, num_classes=num_classes).to(device)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    label_set = model.drn_config.label_set
+    mean = torch.tensor(label_set.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(label_set.std, device=device).view(1, 3, 1, 1)
     t0 = time.perf_counter()
     rows = []
     for path in files:
@@ -191,7 +194,7 @@ def bench_pipeline(input_dir: Path, output: Path, *, arch: str, num_classes: int
     wall = time.perf_counter() - t0
     peaks = sampler.stop()
     if proc.returncode != 0:
-        raise click.ClickException(f"pipeline run failed ({proc.returncode}):\n{stderr[-3000:]}")
+        raise JobError(f"pipeline run failed ({proc.returncode}):\n{stderr[-3000:]}")
     record = json.loads(next((output / "_runs").glob("*.json")).read_text())
     progress = json.loads((output / "_progress.json").read_text())
     return PipelineFigures(images=record["counts"]["ok"] + record["counts"]["errors"], wall_s=wall,
@@ -216,23 +219,12 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-@click.command()
-@click.option("--images", "count", type=click.IntRange(min=8), default=300, show_default=True)
-@click.option("--size", type=click.IntRange(min=16), default=512, show_default=True)
-@click.option("--model", "arch", default="drn_d_22", show_default=True)
-@click.option("--num-classes", type=click.IntRange(min=2), default=19, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where images and outputs go [default: a temporary directory].")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--skip-naive", is_flag=True, help="Leave out (c), the naive loop.")
-@click.option("--png-levels", is_flag=True, help="Also measure bytes and time per mask per PNG level.")
-@click.option("--memory-sizes", default=None,
-              help="Comma-separated image counts (e.g. 1000,5000): pipeline peak memory at each.")
-@click.option("--run-arg", "run_args", multiple=True, help="Extra option for `drn-label run` (repeatable).")
-def bench(count, size, arch, num_classes, batch_size, workdir, device, skip_naive, png_levels,
-          memory_sizes, run_args) -> None:
-    """Measure the bare model, the full pipeline and a naive loop on the same images."""
+def run_bench(*, count: int, size: int, arch: str, num_classes: int, batch_size: int,
+              workdir: Path | None, device: str, skip_naive: bool, png_levels: bool,
+              memory_sizes: str | None, run_args: Sequence[str],
+              echo: Callable[[str], None] = print) -> None:
+    """Measure the bare model, the full pipeline and a naive loop on the same images; print
+    the figures with `echo` (one run, so ratios compare like with like)."""
     import cv2
     import torch
 
@@ -244,7 +236,7 @@ def bench(count, size, arch, num_classes, batch_size, workdir, device, skip_naiv
         tmp = tempfile.TemporaryDirectory(prefix="drn-label-bench-")
         workdir = Path(tmp.name)
     img_dir = workdir / f"images-{size}-{count}"
-    click.echo(f"machine: {os.cpu_count()} CPUs, device {dev}, torch {torch.__version__} "
+    echo(f"machine: {os.cpu_count()} CPUs, device {dev}, torch {torch.__version__} "
                f"({torch.get_num_threads()} threads); {count} images {size}x{size} JPEG; "
                f"{arch}, {num_classes} classes, batch {batch_size}")
     files = make_images(img_dir, count, size)
@@ -256,28 +248,28 @@ def bench(count, size, arch, num_classes, batch_size, workdir, device, skip_naiv
     naive_ips = None if skip_naive else bench_naive(arch, num_classes, files,
                                                      workdir / "naive.parquet", dev)
     wall_ips = fig.images / fig.wall_s
-    click.echo(f"(a) bare model            {model_ips:8.2f} images/s")
-    click.echo(f"(b) pipeline steady state {fig.steady_images_per_s:8.2f} images/s   b/a = "
+    echo(f"(a) bare model            {model_ips:8.2f} images/s")
+    echo(f"(b) pipeline steady state {fig.steady_images_per_s:8.2f} images/s   b/a = "
                f"{fig.steady_images_per_s / model_ips:.3f}")
-    click.echo(f"    pipeline incl. start-up {wall_ips:7.2f} images/s   (wall {fig.wall_s:.1f}s, "
+    echo(f"    pipeline incl. start-up {wall_ips:7.2f} images/s   (wall {fig.wall_s:.1f}s, "
                f"of which start-up {fig.startup_s:.1f}s; labelling {fig.label_s:.1f}s)   "
                f"wall/a = {wall_ips / model_ips:.3f}")
     if naive_ips is not None:
-        click.echo(f"(c) naive loop            {naive_ips:8.2f} images/s   b/c = "
+        echo(f"(c) naive loop            {naive_ips:8.2f} images/s   b/c = "
                    f"{fig.steady_images_per_s / naive_ips:.3f}   (b incl. start-up)/c = "
                    f"{wall_ips / naive_ips:.3f}")
-    click.echo("peak memory (RSS): " + ", ".join(f"{k} {_mib(v)}" for k, v in sorted(fig.peaks.items())))
+    echo("peak memory (RSS): " + ", ".join(f"{k} {_mib(v)}" for k, v in sorted(fig.peaks.items())))
 
     if png_levels:
         import pyarrow.parquet as pq
 
-        from pipeline.output import data_files, decode_mask
+        from pipeline.store.output import data_files, decode_mask
 
         table = pq.read_table(data_files(str(workdir / "out-pipeline")), columns=["mask"])
         masks = [decode_mask(m) for m in table.column("mask").to_pylist()[:200] if m]
-        click.echo("PNG level  bytes/mask  encode ms/mask")
+        echo("PNG level  bytes/mask  encode ms/mask")
         for level, nbytes, ms in bench_png_levels(masks):
-            click.echo(f"{level:>9}  {nbytes:>10,.0f}  {ms:>14.3f}")
+            echo(f"{level:>9}  {nbytes:>10,.0f}  {ms:>14.3f}")
 
     if memory_sizes:
         sizes = [int(s) for s in memory_sizes.split(",")]
@@ -289,10 +281,10 @@ def bench(count, size, arch, num_classes, batch_size, workdir, device, skip_naiv
                                batch_size=batch_size, extra=list(run_args))
             total = sum(f.peaks.values())
             totals.append(total)
-            click.echo(f"memory, {n} images 64x64: wall {f.wall_s:.1f}s; peaks " +
+            echo(f"memory, {n} images 64x64: wall {f.wall_s:.1f}s; peaks " +
                        ", ".join(f"{k} {_mib(v)}" for k, v in sorted(f.peaks.items())) +
                        f"; sum of peaks {_mib(total)}")
         if len(totals) > 1:
-            click.echo(f"peak memory ratio {sizes[-1]} vs {sizes[0]} images: {totals[-1] / totals[0]:.3f}")
+            echo(f"peak memory ratio {sizes[-1]} vs {sizes[0]} images: {totals[-1] / totals[0]:.3f}")
     if tmp is not None:
         tmp.cleanup()

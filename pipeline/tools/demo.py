@@ -1,7 +1,7 @@
 """`drn-label demo`: a newcomer's first run, with labels that are right, not noise.
 
-1. Sample images with exact ground truth (synthetic scenes, `pipeline.synth`).
-2. A drn_d_22 trained on other synthetic scenes (`pipeline.train`), the first time only:
+1. Sample images with exact ground truth (synthetic scenes, `pipeline.training.synth`).
+2. A drn_d_22 trained on other synthetic scenes (`pipeline.training.train`), the first time only:
    the checkpoint is cached beside the samples and training resumes if interrupted.
 3. `run_job` on an embedded local Ray, exactly what `drn-label run --job jobs/demo.toml`
    does, then `eval` of the masks against the ground truth.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
-import click
 
 # Training recipe measured on a 2-core CPU (see docs/benchmarks.md): a few minutes.
 DEMO_ARCH = "drn_d_22"
@@ -20,10 +20,10 @@ DEMO_SAMPLES = {"size": 128, "seed": 1}
 DEMO_FIT = {"epochs": 20, "batch_size": 8, "size": 64, "lr": 0.05, "scale_range": (0.5, 1.5)}
 
 
-def ensure_checkpoint(root: Path, echo=click.echo) -> Path:
+def ensure_checkpoint(root: Path, echo: Callable[[str], None] = print) -> Path:
     """Train the demo model once; later calls return the cached checkpoint."""
-    from pipeline.synth import make_synthetic_set
-    from pipeline.train import state_path, train
+    from pipeline.training.synth import make_synthetic_set
+    from pipeline.training.train import state_path, train
 
     ckpt = root / f"{DEMO_ARCH}-synthetic.pth"
     state = state_path(ckpt)
@@ -39,7 +39,7 @@ def ensure_checkpoint(root: Path, echo=click.echo) -> Path:
 
 
 def json_finished(state: Path) -> bool:
-    """A finished training run leaves a tensor-free record (see pipeline.train)."""
+    """A finished training run leaves a tensor-free record (see pipeline.training.train)."""
     import torch
 
     try:
@@ -50,36 +50,29 @@ def json_finished(state: Path) -> bool:
                 and record.get("checkpoint_sha256"))
 
 
-@click.command()
-@click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
-              show_default=True, help="Where samples, checkpoint and output go.")
-@click.option("--images", "count", type=click.IntRange(min=1), default=24, show_default=True,
-              help="Sample images to label.")
-def demo(root: Path, count: int) -> None:
-    """Label sample images with a trained DRN on an embedded local Ray, and score the labels."""
-    from pipeline.metrics import evaluate_output
-    from pipeline.run import JobError, run_job
+def run_demo(root: Path, count: int, *, echo: Callable[[str], None] = print,
+             echo_err: Callable[[str], None] = print) -> None:
+    """Label `count` sample images with a trained DRN on an embedded local Ray, and score them."""
+    from pipeline.tools.evaluate import evaluate_output
+    from pipeline.job.run import run_job
     from pipeline.spec import JobSpec
-    from pipeline.synth import make_synthetic_set
+    from pipeline.training.synth import make_synthetic_set
 
     root.mkdir(parents=True, exist_ok=True)
-    ckpt = ensure_checkpoint(root)
+    ckpt = ensure_checkpoint(root, echo)
     if len(list((root / "images").glob("*.png"))) != count:
-        click.echo(f"writing {count} sample images to {root / 'images'} (ground truth in {root / 'masks'})")
+        echo(f"writing {count} sample images to {root / 'images'} (ground truth in {root / 'masks'})")
         make_synthetic_set(root, count=count, **DEMO_SAMPLES)
     out = root / "out"
     spec = JobSpec(input=str(root / "images"), output=str(out), model=DEMO_ARCH, weights=str(ckpt),
                    batch_size=4, rows_per_file=100)
-    try:
-        result = run_job(spec, echo=lambda m: click.echo(m, err=True))
-    except JobError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(result.summary())
+    result = run_job(spec, echo=lambda m: echo_err(m))
+    echo(result.summary())
     scores = evaluate_output(str(out), root)
-    click.echo(f"agreement with the ground truth: mIoU {scores['miou']:.3f}, pixel accuracy "
+    echo(f"agreement with the ground truth: mIoU {scores['miou']:.3f}, pixel accuracy "
                f"{scores['pixel_accuracy']:.3f} over {scores['images_evaluated']} images")
-    click.echo(json.dumps(scores["per_class"], indent=None))
-    click.echo(f"""
+    echo(json.dumps(scores["per_class"], indent=None))
+    echo(f"""
 The labels are in {out}/ (Parquet; non-data files start with _). Try:
   drn-label inspect {out}
   python -c "import duckdb; print(duckdb.sql(\\"SELECT image_id, confidence, class_fraction FROM read_parquet('{out}/**/*.parquet') ORDER BY confidence LIMIT 5\\"))"

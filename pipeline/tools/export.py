@@ -18,96 +18,37 @@ Formats:
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import Iterator
 
-import click
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline.output import SCHEMA, OutputMetadata, data_files, decode_mask, read_metadata
+from drn.io import atomic_write
+from pipeline.errors import UsageError
+from pipeline.store.output import OutputMetadata
+from pipeline.store.reader import count_errors, iter_mask_rows, select_identity
 
 FORMATS = ("png", "coco", "label-studio")
-BATCH_ROWS = 64
-"""Rows decoded at a time: a few dozen masks, whatever their size."""
 
 
-class ExportError(ValueError):
-    """OUTPUT or the export's target cannot be used; the message names it and the fix."""
+class ExportError(UsageError):
+    """The export's target or options cannot be used; the message names it and the fix."""
 
 
-# -- which rows ------------------------------------------------------------------------------
-def select_identity(output: str, *, model: str | None = None,
-                    weights_sha256: str | None = None) -> OutputMetadata:
-    """The one model identity (model, weights_sha256) of OUTPUT to read.
-
-    OUTPUT may hold rows of several identities (one per model and checkpoint); `model`
-    and a `weights_sha256` prefix choose among them. Raises ExportError when none or more
-    than one matches, listing what OUTPUT holds.
-    """
-    metas = {(m.model, m.weights_sha256): m for m in read_metadata(output)}
-    if not metas:
-        raise ExportError(f"{output}: no labelled rows (no Parquet data files); run `drn-label run` first")
-    chosen = [m for m in metas.values()
-              if (model is None or m.model == model)
-              and (weights_sha256 is None or m.weights_sha256.startswith(weights_sha256))]
-    held = ", ".join(f"{m.model} (weights {m.weights_sha256[:12]})" for m in metas.values())
-    if not chosen:
-        raise ExportError(f"{output}: no rows of model {model or 'any'} with weights "
-                          f"{weights_sha256 or 'any'}; it holds {held}")
-    if len(chosen) > 1:
-        raise ExportError(f"{output} holds rows of several models: {held}; choose one with "
-                          "--model and/or --weights-sha256")
-    return chosen[0]
-
-
-def identity_filter(meta: OutputMetadata) -> pc.Expression:
-    return (pc.field("model") == meta.model) & (pc.field("weights_sha256") == meta.weights_sha256)
-
-
-def iter_batches(output: str, meta: OutputMetadata, columns: Sequence[str], *,
-                 where: pc.Expression | None = None, batch_size: int = BATCH_ROWS):
-    """Record batches of OUTPUT's rows of `meta`'s identity: projected, streamed, one batch
-    read ahead at most. Files are scanned one at a time, each as its own dataset, so that
-    no file's Parquet metadata outlives its scan (memory does not grow with OUTPUT)."""
-    import pyarrow.dataset as ds
-
-    from pipeline.sources import resolve
-
-    fs, _ = resolve(output)
-    flt = identity_filter(meta) if where is None else identity_filter(meta) & where
-    for path in data_files(output):
-        dataset = ds.dataset(path, filesystem=fs, format="parquet", schema=SCHEMA)
-        yield from dataset.to_batches(columns=list(columns), filter=flt, batch_size=batch_size,
-                                      batch_readahead=1, fragment_readahead=1)
-
-
-def iter_mask_rows(output: str, meta: OutputMetadata, columns: Sequence[str] = ()) -> Iterator[dict]:
-    """Rows with status ``ok`` of `meta`'s identity, ``mask`` decoded to an H x W array."""
-    wanted = list(dict.fromkeys(["image_id", "uri", "height", "width", "mask", "confidence",
-                                 *columns]))
-    for batch in iter_batches(output, meta, wanted, where=pc.field("status") == "ok"):
-        for row in batch.to_pylist():
-            row["mask"] = decode_mask(row["mask"])
-            yield row
-
-
-def count_errors(output: str, meta: OutputMetadata) -> int:
-    n = 0
-    for batch in iter_batches(output, meta, ["status"], where=pc.field("status") != "ok",
-                              batch_size=65536):
-        n += batch.num_rows
-    return n
+def atomic_text(path: Path):
+    """A UTF-8 text file written whole or not at all (`drn.io.atomic_write`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, "w", encoding="utf-8")
 
 
 # -- shared pieces ---------------------------------------------------------------------------
 def palette_lut(meta: OutputMetadata, dtype: np.dtype = np.dtype(np.uint8)) -> np.ndarray:
     """RGB colour of every possible mask value (ids without a palette entry are black)."""
-    size = 256 if np.dtype(dtype) == np.uint8 else 65536
+    size = np.iinfo(dtype).max + 1  # one entry per value the mask dtype holds
     lut = np.zeros((size, 3), np.uint8)
     palette = np.asarray(meta.palette, np.uint8).reshape(-1, 3)[:size]
     lut[: len(palette)] = palette
@@ -136,30 +77,6 @@ def mask_png_name(image_id: str, *, keep_extension: bool = False) -> str:
     if not keep_extension and dot and stem:
         parts[-1] = stem
     return "/".join(parts) + ".png"
-
-
-class AtomicTextFile:
-    """A text file written under a temporary name in the same folder, renamed when closed
-    without an exception (readers never see half a JSON file)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def __enter__(self) -> IO[str]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        self.file = os.fdopen(fd, "w", encoding="utf-8")
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.file.close()
-        if exc_type is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
 
 
 @dataclass(frozen=True)
@@ -232,7 +149,7 @@ def export_coco(output: str, out: Path, meta: OutputMetadata) -> ExportResult:
     info = {"description": f"drn-label pre-labels: {meta.model} (weights {meta.weights_sha256[:12]})",
             "version": str(meta.schema_version),
             "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    with AtomicTextFile(out) as f, tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+") as image_list:
+    with atomic_text(out) as f, tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+") as image_list:
         f.write('{"info": ' + json.dumps(info) + ', "licenses": [], "categories": '
                 + json.dumps(coco_categories(meta)) + ',\n"annotations": [')
         for row in iter_mask_rows(output, meta):
@@ -342,7 +259,7 @@ def export_label_studio(output: str, out: Path, meta: OutputMetadata, *, from_na
     local file serving)."""
     out = Path(out)
     images = annotations = 0
-    with AtomicTextFile(out) as f:
+    with atomic_text(out) as f:
         f.write("[")
         for row in iter_mask_rows(output, meta):
             task = label_studio_task(row, meta, from_name=from_name, to_name=to_name,
@@ -374,34 +291,3 @@ def export(output: str, fmt: str, out: Path, *, colour: bool = False, model: str
         return export_label_studio(output, out, meta, from_name=from_name, to_name=to_name,
                                    url_prefix=url_prefix)
     raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-
-
-@click.command("export")
-@click.argument("output")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
-              help="png: a folder of mask PNGs; coco: one COCO JSON (RLE); label-studio: tasks JSON.")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="The folder (png) or JSON file (coco, label-studio) to write.")
-@click.option("--colour", "--color", "colour", is_flag=True,
-              help="png: RGB masks in the palette instead of class ids.")
-@click.option("--model", default=None, help="Export this architecture's rows (when OUTPUT holds several).")
-@click.option("--weights-sha256", default=None, help="Export rows of the weights with this sha256 (prefix).")
-@click.option("--from-name", default="tag", show_default=True, help="label-studio: the BrushLabels tag name.")
-@click.option("--to-name", default="image", show_default=True, help="label-studio: the Image tag name.")
-@click.option("--url-prefix", default=None,
-              help="label-studio: data.image = this prefix + image id [default: the row's uri].")
-def export_command(output: str, fmt: str, out: Path, colour: bool, model: str | None,
-                   weights_sha256: str | None, from_name: str, to_name: str,
-                   url_prefix: str | None) -> None:
-    """Export OUTPUT's masks for labelling tools: PNG folder, COCO JSON, or Label Studio tasks.
-
-    Only rows with status ok are exported; reading is streamed, so any size of OUTPUT works.
-    """
-    try:
-        result = export(output, fmt, out, colour=colour, model=model, weights_sha256=weights_sha256,
-                        from_name=from_name, to_name=to_name, url_prefix=url_prefix)
-    except ExportError as exc:
-        raise click.UsageError(str(exc)) from None
-    click.echo(result.summary())
-    if fmt == "label-studio":
-        click.echo(f"labelling config: {config_path(out)}")

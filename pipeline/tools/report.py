@@ -16,12 +16,12 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
-import click
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline.export import AtomicTextFile, ExportError, colourise, iter_batches, select_identity
-from pipeline.output import OutputMetadata, decode_mask, read_metadata
+from pipeline.store.output import OutputMetadata, decode_mask, error_reason
+from pipeline.store.reader import iter_batches, read_metadata, read_runs, select_identity
+from pipeline.tools.export import atomic_text, colourise
 
 THUMB_SIDE = 256
 HIST_BINS = 20
@@ -73,7 +73,7 @@ class Stats:
                                         bad.column("error").to_pylist()):
             error = error or "(no message)"
             # Group by the reason without the file name or the byte counts.
-            self.error_reasons[re.sub(r"\d+", "N", error.split(": ", 1)[-1])] += 1
+            self.error_reasons[error_reason(error)] += 1
             if len(self.error_rows) < MAX_ERROR_ROWS:
                 self.error_rows.append((image_id, uri, error))
 
@@ -140,8 +140,8 @@ def gallery_item(image_id: str, uri: str, confidence: float, mask: np.ndarray,
     any more is replaced by the coloured mask alone, with the reason as a note."""
     import cv2
 
-    from pipeline.decode import decode_image, resize_mask
-    from pipeline.sources import read_bytes
+    from pipeline.store.decode import decode_image, resize_mask
+    from pipeline.store.sources import read_bytes
 
     height, width = thumbnail_size(*mask.shape)
     small_mask = resize_mask(mask, height, width)
@@ -365,7 +365,6 @@ class ReportResult:
 def write_report(output: str, html_path: Path, *, limit: int = 50, model: str | None = None,
                  weights_sha256: str | None = None) -> ReportResult:
     """Write the HTML report of OUTPUT (one model identity) to `html_path`."""
-    from pipeline.inspect import read_runs
 
     meta = select_identity(output, model=model, weights_sha256=weights_sha256)
     stats = gather(output, meta, limit)
@@ -373,26 +372,6 @@ def write_report(output: str, html_path: Path, *, limit: int = 50, model: str | 
     others = [m for m in {(m.model, m.weights_sha256): m for m in read_metadata(output)}.values()
               if (m.model, m.weights_sha256) != (meta.model, meta.weights_sha256)]
     page = render(output, meta, stats, items, read_runs(output), others)
-    with AtomicTextFile(Path(html_path)) as f:
+    with atomic_text(Path(html_path)) as f:
         f.write(page)
     return ReportResult(str(html_path), stats.rows, stats.ok, stats.errors, len(items))
-
-
-@click.command("report")
-@click.argument("output")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The HTML file to write (self-contained: images and charts inlined).")
-@click.option("--limit", type=click.IntRange(min=0), default=50, show_default=True,
-              help="Gallery size: the N least confident images.")
-@click.option("--model", default=None, help="Report this architecture's rows (when OUTPUT holds several).")
-@click.option("--weights-sha256", default=None, help="Report rows of the weights with this sha256 (prefix).")
-def report_command(output: str, html_path: Path, limit: int, model: str | None,
-                   weights_sha256: str | None) -> None:
-    """Write a self-contained HTML report of OUTPUT: run summary, class frequency,
-    confidence histogram, the least confident images with their masks, and errors."""
-    try:
-        result = write_report(output, html_path, limit=limit, model=model, weights_sha256=weights_sha256)
-    except ExportError as exc:
-        raise click.UsageError(str(exc)) from None
-    click.echo(f"report of {result.rows} rows ({result.ok} ok, {result.errors} errors), "
-               f"{result.gallery} images in the gallery: {result.path}")

@@ -1,40 +1,23 @@
 """Read back what a run left in OUTPUT: progress, run records, and a summary of the rows."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline.output import PROGRESS_FILE, RUNS_DIR, open_dataset, read_metadata
-from pipeline.sink import read_bytes_or_none
-from pipeline.sources import resolve
-
-
-def read_progress(output: str) -> dict | None:
-    raw = read_bytes_or_none(output, PROGRESS_FILE)
-    return json.loads(raw) if raw else None
-
-
-def read_runs(output: str) -> list[dict]:
-    """The run records in OUTPUT/_runs, oldest first."""
-    fs, root = resolve(output)
-    sel = pafs.FileSelector(f"{root}/{RUNS_DIR}", allow_not_found=True)
-    runs = []
-    for info in fs.get_file_info(sel):
-        if info.type == pafs.FileType.File and info.path.endswith(".json"):
-            with fs.open_input_stream(info.path) as f:
-                runs.append(json.loads(f.read()))
-    return sorted(runs, key=lambda r: r.get("run_id", ""))
+from pipeline.errors import UsageError
+from pipeline.store.fs import resolve
+from pipeline.store.output import error_reason
+from pipeline.store.reader import open_dataset, read_metadata, read_runs
 
 
 def summarise(output: str, *, top_errors: int = 5) -> dict:
     """Rows, ok/error counts, runs, mean class fraction by class name, the most common errors."""
     fs, root = resolve(output)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"OUTPUT {output} does not exist")
+        raise UsageError(f"OUTPUT {output} does not exist")
     dataset = open_dataset(output)
     metas = read_metadata(output)
     summary: dict = {"output": output, "rows": 0, "ok": 0, "errors": 0, "models": [],
@@ -54,8 +37,7 @@ def summarise(output: str, *, top_errors: int = 5) -> dict:
         summary["ok"] += n_ok
         summary["errors"] += batch.num_rows - n_ok
         for err in batch.column("error").drop_null().to_pylist():
-            # The reason without the file name: "x.jpg: not a decodable image" -> the tail
-            errors[err.split(": ", 1)[-1]] += 1
+            errors[error_reason(err)] += 1
         for model, sha, frac in zip(batch.column("model").to_pylist(),
                                     batch.column("weights_sha256").to_pylist(),
                                     batch.column("class_fraction").to_pylist()):

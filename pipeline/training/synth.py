@@ -42,6 +42,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from drn.io import atomic_write
+
 IGNORE_INDEX = 255
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -148,9 +150,8 @@ def make_synthetic_set(
         "std": list(info.std),
         "ignore_index": info.ignore_index,
     }
-    tmp = root / "classes.json.tmp"
-    tmp.write_text(json.dumps(classes, indent=2) + "\n")
-    os.replace(tmp, root / "classes.json")
+    with atomic_write(root / "classes.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(classes, indent=2) + "\n")
     return info
 
 

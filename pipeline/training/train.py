@@ -1,6 +1,6 @@
 """Train or fine-tune a DRN segmentation model on a folder of images and masks.
 
-The folder is the layout ``pipeline.synth`` writes, which is also what users produce
+The folder is the layout ``pipeline.training.synth`` writes, which is also what users produce
 from their own labels::
 
     DATA/images/<id>.<png|jpg|...>   RGB images
@@ -26,12 +26,10 @@ continues from ``out`` with fresh momentum.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -41,7 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.metrics import ConfusionMatrix
+from drn.io import atomic_write
+from drn.metrics import ConfusionMatrix
+from pipeline.store.decode import decode_image
 
 if TYPE_CHECKING:
     import drn
@@ -107,10 +107,8 @@ def list_samples(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"image {path}: not a decodable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    """The image as labelling sees it: the one decode path (`pipeline.store.decode`)."""
+    return decode_image(Path(path).read_bytes(), f"image {path}")
 
 
 def read_mask(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
@@ -485,12 +483,8 @@ def _to_cpu(obj):
 
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")  # created with the umask's mode
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def _load_state(path: Path, device: torch.device) -> dict:
@@ -505,23 +499,17 @@ def _load_state(path: Path, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def predict_mask(model, image: np.ndarray, label_set, device: torch.device) -> np.ndarray:
-    """Arg-max mask of one RGB uint8 image at its own size."""
-    mean = torch.tensor(label_set.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(label_set.std, device=device).view(1, 3, 1, 1)
-    x = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float() / 255.0
-    logits = model((x - mean) / std)
-    return logits.argmax(1)[0].to(torch.uint8 if label_set.num_classes <= 256 else torch.int32).cpu().numpy()
-
-
-@torch.no_grad()
 def evaluate_pairs(model, pairs, label_set, device: torch.device) -> ConfusionMatrix:
     """One confusion matrix over ``pairs`` (image path, mask path), full-size images."""
+    from drn.predictor import Predictor
+
     was_training = model.training
     model.eval()
+    predictor = Predictor(model, mean=label_set.mean, std=label_set.std, device=device, batch_size=1)
     cm = ConfusionMatrix(label_set.num_classes, label_set.ignore_index)
     for image_path, mask_path in pairs:
         gt = read_mask(mask_path, label_set.num_classes, label_set.ignore_index)
-        cm.update(predict_mask(model, read_rgb(image_path), label_set, device), gt)
+        (prediction,) = predictor.predict([read_rgb(image_path)])
+        cm.update(prediction.mask, gt)
     model.train(was_training)
     return cm

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import cli
-from pipeline.output import SCHEMA, data_files
+from pipeline.store.output import SCHEMA, data_files
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (/proc)")]
@@ -313,23 +313,24 @@ def test_submit_without_an_address_names_the_fix(cli_runner, tmp_path):
 
 
 def test_dashboard_urls_and_shipped_specs(tmp_path, monkeypatch):
-    from pipeline import jobs_cli
+    from pipeline.cluster import jobs
+    from pipeline.cluster.manifests import shipped_spec
     from pipeline.spec import JobSpec
 
-    assert jobs_cli.dashboard_url("127.0.0.1:8265/") == "http://127.0.0.1:8265"
-    assert jobs_cli.dashboard_url("https://ray.example.com") == "https://ray.example.com"
-    with pytest.raises(jobs_cli.ClusterError, match="Ray Client address"):
-        jobs_cli.dashboard_url("ray://head:10001")
+    assert jobs.dashboard_url("127.0.0.1:8265/") == "http://127.0.0.1:8265"
+    assert jobs.dashboard_url("https://ray.example.com") == "https://ray.example.com"
+    with pytest.raises(jobs.ClusterError, match="Ray Client address"):
+        jobs.dashboard_url("ray://head:10001")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w.pth").write_bytes(b"")
     spec = JobSpec(input="imgs/*.png", output="out", weights="w.pth", classes="cityscapes",
                    address="http://x:8265")
-    shipped = jobs_cli.shipped_spec(spec)
+    shipped = shipped_spec(spec)
     assert (shipped.input, shipped.output, shipped.weights) == (
         f"{tmp_path}/imgs/*.png", f"{tmp_path}/out", f"{tmp_path}/w.pth")
     assert shipped.classes == "cityscapes" and shipped.address is None
     s3 = JobSpec(input="s3://b/in/", output="s3://b/out/")
-    assert jobs_cli.shipped_spec(s3) == s3
+    assert shipped_spec(s3) == s3
 
 
 def test_status_of_neither_an_output_nor_a_reachable_job(cli_runner):

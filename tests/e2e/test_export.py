@@ -17,12 +17,12 @@ from PIL import Image
 import drn
 from pipeline import decode_mask, read_masks
 from pipeline.cli import cli
-from pipeline.export import brush_rle, mask_png_name
-from pipeline.output import METADATA_KEY, OutputMetadata, data_files
+from pipeline.tools.export import brush_rle, mask_png_name
+from pipeline.store.output import METADATA_KEY, OutputMetadata, data_files
 from tests.outputs import small_run
 
 CITYSCAPES = drn.get_preset("cityscapes")
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "output.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "output.md"
 
 
 @pytest.fixture(scope="module")

@@ -37,10 +37,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import cli
-from pipeline.output import LEASE_FILE, RUNS_DIR, SCHEMA, data_files
-from pipeline.run import (LEASE_TTL_S, LeaseHeld, acquire_lease, heartbeat_lease,
-                          release_lease, renew_lease, run_job)
-from pipeline.sink import LeaseLost, lease_holder, make_datasink
+from pipeline.store.output import LEASE_FILE, RUNS_DIR, SCHEMA, data_files
+from pipeline.errors import LeaseHeld
+from pipeline.job.run import run_job
+from pipeline.job.sink import LabelDatasink
+from pipeline.store.lease import (LEASE_TTL_S, LeaseLost, acquire_lease, heartbeat_lease,
+                                  lease_holder, release_lease, renew_lease)
 from pipeline.spec import JobSpec
 from tests.imagegen import scene
 from tests.modelkit import authors_checkpoint
@@ -248,7 +250,7 @@ def test_simultaneous_starts_one_wins(tmp_path):
 def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, caplog):
     output = str(tmp_path / "out")
     # A run that died without releasing its lease: a fresh heartbeat, a pid that is gone.
-    code = f"from pipeline.run import renew_lease; renew_lease({output!r}, 'killed-run')"
+    code = f"from pipeline.store.lease import renew_lease; renew_lease({output!r}, 'killed-run')"
     subprocess.run([sys.executable, "-c", code], check=True)
     lease = json.loads((tmp_path / "out" / LEASE_FILE).read_text())
     assert time.time() - lease["heartbeat"] < LEASE_TTL_S and not psutil.pid_exists(lease["pid"])
@@ -274,7 +276,7 @@ def test_a_run_that_lost_its_lease_commits_nothing(tmp_path):
     renew_lease(output, "new-run")  # the other run took the expired lease
     heartbeat_lease(output, "stalled-run")
     assert lease_holder(output) == "new-run"
-    sink = make_datasink(output, run_id="stalled-run", schema=SCHEMA, rows_per_file=10)
+    sink = LabelDatasink(output, run_id="stalled-run", schema=SCHEMA, rows_per_file=10)
     row = {name: [None] for name in SCHEMA.names}
     row.update(image_id=["a.png"], uri=["a.png"], status=["error"], error=["x"], model=["m"],
                weights_sha256=["w"], run_id=["stalled-run"])
@@ -334,9 +336,9 @@ def test_rows_left_twice_by_a_killed_retry_are_reconciled_by_the_next_run(tmp_pa
     label, so no Ray) keeps one: ok over error, else the newest."""
     from datetime import datetime, timezone
 
-    from pipeline.output import schema_with_metadata
-    from pipeline.run import describe_model
-    from pipeline.sink import write_table_atomic
+    from pipeline.store.output import schema_with_metadata
+    from pipeline.job.run import describe_model
+    from pipeline.store.fs import write_table_atomic
 
     inputs, output = tmp_path / "in", tmp_path / "out"
     names = write_images(inputs, 4, prefix="x")

@@ -15,8 +15,9 @@ from PIL import Image
 
 import drn
 from pipeline.cli import cli
-from pipeline.output import decode_mask, read_metadata
-from pipeline.report import Stats, gallery_item
+from pipeline.store.output import decode_mask
+from pipeline.store.reader import read_metadata
+from pipeline.tools.report import Stats, gallery_item
 from tests.outputs import small_run
 
 CITYSCAPES = drn.get_preset("cityscapes")
@@ -125,7 +126,7 @@ def test_gallery_pairs_are_source_and_palette_overlay(run, report):
         scale = min(1.0, 256 / max(h, w))
         assert source.shape[:2] == overlay.shape[:2] == (round(h * scale), round(w * scale))
         # overlay = (source + palette colour) / 2, checked where the mask is flat
-        from pipeline.decode import resize_mask
+        from pipeline.store.decode import resize_mask
 
         small = resize_mask(mask, *source.shape[:2])
         expected = (source.astype(np.float64) + palette[small]) / 2
@@ -218,8 +219,10 @@ def test_report_renders_in_headless_chromium(report, chromium, tmp_path):
     assert 'data-images-loaded="20/20"' in body.group(0), body.group(0)
 
 
-def test_report_of_an_output_without_rows_is_a_usage_error(tmp_path, cli_runner):
+def test_report_of_an_output_without_rows_fails_with_exit_1(tmp_path, cli_runner):
+    """No rows is not a bad option (exit 2) but a command that cannot do its job (exit 1)."""
     res = cli_runner.invoke(cli, ["report", str(tmp_path / "none"), "--html", str(tmp_path / "r.html")])
-    assert res.exit_code == 2
-    assert f"{tmp_path / 'none'}: no labelled rows (no Parquet data files); run `drn-label run` first" in res.output
+    assert res.exit_code == 1
+    assert "Usage:" not in res.output
+    assert f"error: {tmp_path / 'none'}: no labelled rows (no Parquet data files); run `drn-label run` first" in res.output
     assert not (tmp_path / "r.html").exists()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.cli import cli
-from pipeline.output import MASK_TYPE, data_files, decode_mask, encode_mask
+from pipeline.store.output import MASK_TYPE, data_files, decode_mask, encode_mask
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 

@@ -1,4 +1,4 @@
-"""pipeline.decode on real files of every supported kind (tests/imagegen.py)."""
+"""pipeline.store.decode on real files of every supported kind (tests/imagegen.py)."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import MIN_SIDE, DecodeError, decode_image, fit_max_side, resize_mask
+from pipeline.store.decode import MIN_SIDE, DecodeError, decode_image, fit_max_side, resize_mask
 from tests.imagegen import ImageCase, make_collection, scene, write_png16, write_tiff16
 
 # Mean absolute difference allowed for lossy files (JPEG q95, lossy WebP); a wrong

@@ -1,4 +1,4 @@
-"""pipeline.sources: listing inputs (local and on a real local S3 server) and reading
+"""pipeline.store.sources: listing inputs (local and on a real local S3 server) and reading
 bytes with retries, faults injected at the filesystem layer (no mocks of pyarrow)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources import (
+from pipeline.store.sources import (
     IMAGE_EXTENSIONS, INPUT_SCHEMA, InputError, ReadError, glob_to_regex, is_transient,
     list_inputs, read_bytes, resolve,
 )

@@ -8,7 +8,7 @@ import pytest
 from pipeline.cli import cli
 from pipeline.spec import JobSpec, SpecError, load_spec, merge
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:

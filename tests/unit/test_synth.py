@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.synth import CLASS_NAMES, DISTRACTOR_COLOURS, PALETTE, make_synthetic_set, render_sample
+from pipeline.training.synth import CLASS_NAMES, DISTRACTOR_COLOURS, PALETTE, make_synthetic_set, render_sample
 
 
 def _digest(root):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import drn
-from pipeline.synth import make_synthetic_set
-from pipeline.train import (
+from pipeline.training.synth import make_synthetic_set
+from pipeline.training.train import (
     augment,
     poly_lr,
     resolve_label_set,
@@ -154,7 +154,7 @@ def test_init_from_a_drnseg_of_other_classes_keeps_its_backbone(tmp_path, tiny_s
 
 
 def test_samples_are_deterministic_per_epoch(tiny_set):
-    from pipeline.train import SegmentationFolder
+    from pipeline.training.train import SegmentationFolder
 
     ds = SegmentationFolder(list_samples(tiny_set), size=24, mean=(0.5,) * 3, std=(0.2,) * 3, num_classes=5)
     a, b = ds[3], ds[3]

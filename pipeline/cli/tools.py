@@ -1,0 +1,87 @@
+"""`export`, `report`, `bench` and `demo`: commands over a labelled OUTPUT, and the showcase."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.cli.options import identity_options
+
+
+@click.command("report")
+@click.argument("output")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The HTML file to write (self-contained: images and charts inlined).")
+@click.option("--limit", type=click.IntRange(min=0), default=50, help="Gallery size: the N least confident images.")
+@identity_options
+def report(output: str, html_path: Path, limit: int, model: str | None, weights_sha256: str | None) -> None:
+    """Write a self-contained HTML report of OUTPUT: run summary, class frequency,
+    confidence histogram, the least confident images with their masks, and errors."""
+    from pipeline.tools.report import write_report
+
+    result = write_report(output, html_path, limit=limit, model=model, weights_sha256=weights_sha256)
+    click.echo(f"report of {result.rows} rows ({result.ok} ok, {result.errors} errors), "
+               f"{result.gallery} images in the gallery: {result.path}")
+
+
+@click.command("export")
+@click.argument("output")
+@click.option("--format", "fmt", type=click.Choice(("png", "coco", "label-studio")), required=True,
+              help="png: a folder of mask PNGs; coco: one COCO JSON (RLE); label-studio: tasks JSON.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The folder (png) or JSON file (coco, label-studio) to write.")
+@click.option("--colour", "--color", "colour", is_flag=True,
+              help="png: RGB masks in the palette instead of class ids.")
+@identity_options
+@click.option("--from-name", default="tag", help="label-studio: the BrushLabels tag name.")
+@click.option("--to-name", default="image", help="label-studio: the Image tag name.")
+@click.option("--url-prefix", default=None,
+              help="label-studio: data.image = this prefix + image id [default: the row's uri].")
+def export(output: str, fmt: str, out: Path, colour: bool, model: str | None,
+           weights_sha256: str | None, from_name: str, to_name: str, url_prefix: str | None) -> None:
+    """Export OUTPUT's masks for labelling tools: PNG folder, COCO JSON, or Label Studio tasks.
+
+    Only rows with status ok are exported; reading is streamed, so any size of OUTPUT works.
+    """
+    from pipeline.tools import export as engine
+
+    result = engine.export(output, fmt, out, colour=colour, model=model, weights_sha256=weights_sha256,
+                           from_name=from_name, to_name=to_name, url_prefix=url_prefix)
+    click.echo(result.summary())
+    if fmt == "label-studio":
+        click.echo(f"labelling config: {engine.config_path(out)}")
+
+
+@click.command()
+@click.option("--images", "count", type=click.IntRange(min=8), default=300)
+@click.option("--size", type=click.IntRange(min=16), default=512)
+@click.option("--model", "arch", default="drn_d_22")
+@click.option("--num-classes", type=click.IntRange(min=2), default=19)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where images and outputs go [default: a temporary directory].")
+@click.option("--device", default="auto")
+@click.option("--skip-naive", is_flag=True, help="Leave out (c), the naive loop.")
+@click.option("--png-levels", is_flag=True, help="Also measure bytes and time per mask per PNG level.")
+@click.option("--memory-sizes", default=None,
+              help="Comma-separated image counts (e.g. 1000,5000): pipeline peak memory at each.")
+@click.option("--run-arg", "run_args", multiple=True, help="Extra option for `drn-label run` (repeatable).")
+def bench(count, size, arch, num_classes, batch_size, workdir, device, skip_naive, png_levels,
+          memory_sizes, run_args) -> None:
+    """Measure the bare model, the full pipeline and a naive loop on the same images."""
+    from pipeline.tools.bench import run_bench
+
+    run_bench(count=count, size=size, arch=arch, num_classes=num_classes, batch_size=batch_size,
+              workdir=workdir, device=device, skip_naive=skip_naive, png_levels=png_levels,
+              memory_sizes=memory_sizes, run_args=run_args, echo=click.echo)
+
+
+@click.command()
+@click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
+              help="Where samples, checkpoint and output go.")
+@click.option("--images", "count", type=click.IntRange(min=1), default=24, help="Sample images to label.")
+def demo(root: Path, count: int) -> None:
+    """Label sample images with a trained DRN on an embedded local Ray, and score the labels."""
+    from pipeline.tools.demo import run_demo
+
+    run_demo(root, count, echo=click.echo, echo_err=lambda m: click.echo(m, err=True))

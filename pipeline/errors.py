@@ -1,0 +1,53 @@
+"""Error classes every layer raises; the CLI's one handler maps them to exit codes.
+
+Library code raises these (never click exceptions, never ``sys.exit``); ``pipeline.cli``
+prints ``error: <message>`` and exits with the class's ``exit_code``:
+
+====  =========================================================================
+code  meaning
+====  =========================================================================
+0     the command did what it was asked
+1     it could not (the message says why and what to do)
+2     a bad option or input the user gave (click's usage errors, `UsageError`)
+3     the run finished but more images failed than ``--max-error-rate`` allows
+4     another run holds OUTPUT's lease
+====  =========================================================================
+"""
+from __future__ import annotations
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_RATE, EXIT_LEASE = 0, 1, 2, 3, 4
+
+
+class DrnLabelError(Exception):
+    """Base class: a one-line message that names the input and the fix, and an exit code."""
+
+    exit_code = EXIT_FAILED
+
+    def __str__(self) -> str:
+        return " ".join(str(self.args[0] if self.args else "").split()) or type(self).__name__
+
+
+class UsageError(DrnLabelError, ValueError):
+    """A value the user gave cannot be used (an option, a spec key, a file of theirs)."""
+
+    exit_code = EXIT_USAGE
+
+
+class JobError(DrnLabelError, RuntimeError):
+    """A job that cannot start or finish; the message says why and what to do."""
+
+
+class LeaseHeld(JobError):
+    """Another run holds OUTPUT."""
+
+    exit_code = EXIT_LEASE
+
+
+class ErrorRateExceeded(JobError):
+    """More images failed than ``--max-error-rate`` allows (every row was still written)."""
+
+    exit_code = EXIT_ERROR_RATE
+
+
+class NoRows(DrnLabelError, LookupError):
+    """OUTPUT holds no rows of what was asked for (no run yet, or another model's rows)."""

@@ -1,0 +1,163 @@
+"""Where OUTPUT and inputs live: URIs resolved to pyarrow filesystems, and atomic writes.
+
+``resolve(uri)`` gives the filesystem and path of a local path, ``file://`` URL or
+``s3://bucket/key``. ``write_table_atomic`` and ``write_bytes_atomic`` are the one way
+the project writes a file into OUTPUT: readers see all of it or nothing (local: a
+temporary file renamed into place; S3: one PutObject).
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from urllib.parse import unquote, urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from drn.io import atomic_write
+
+SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+# -- resolving URIs ------------------------------------------------------------------------
+_FS_CACHE: dict[tuple, pafs.FileSystem] = {}
+_FS_LOCK = threading.Lock()
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(scheme, path as pyarrow wants it): "local" -> absolute path, "s3" -> bucket/key.
+    Trailing slashes are dropped."""
+    match = SCHEME_RE.match(uri)
+    scheme = match.group(1).lower() if match else ""
+    if scheme == "s3":
+        path = uri[match.end():].strip("/")
+        if not path:
+            raise ValueError(f"{uri}: an s3:// URI needs a bucket name (s3://bucket/key)")
+        return "s3", path
+    if scheme == "file":
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{uri}: file:// URIs must name a local path (file:///path)")
+        return "local", _local_path(unquote(parts.path))
+    if scheme:
+        raise ValueError(f"{uri}: unsupported scheme '{scheme}://' "
+                         "(use a local path, file:// or s3://)")
+    return "local", _local_path(uri)
+
+
+def _local_path(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else os.getcwd()
+
+
+def to_uri(scheme: str, path: str) -> str:
+    """The inverse of resolution: a local path stays a path; s3 gets its scheme back."""
+    return f"s3://{path}" if scheme == "s3" else path
+
+
+def _s3_filesystem() -> pafs.FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    access_key = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    session_token = os.environ.get("AWS_SESSION_TOKEN")
+    # The credentials' key id is part of the key so that a changed environment (tests,
+    # a rotated key) gets a new client; the secret itself is not kept in the key.
+    key = ("s3", endpoint, region, access_key, session_token is not None)
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+        if fs is not None:
+            return fs
+        kwargs: dict = {}
+        if endpoint:
+            parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+            kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
+            kwargs["scheme"] = parts.scheme
+        if region:
+            kwargs["region"] = region
+        if access_key and secret_key:  # otherwise the SDK's default chain (profile, IMDS, IRSA)
+            kwargs.update(access_key=access_key, secret_key=secret_key)
+            if session_token:
+                kwargs["session_token"] = session_token
+        fs = pafs.S3FileSystem(**kwargs)
+        _FS_CACHE[key] = fs
+        return fs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem that holds `uri` and the path on it (no trailing slash).
+
+    Local paths (relative ones against the working directory), ``file://`` and
+    ``s3://bucket/key``. S3 honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (with its
+    http/https scheme), AWS_REGION / AWS_DEFAULT_REGION and the usual credential
+    variables, read when a filesystem is first made; filesystems are cached per process.
+    """
+    scheme, path = split_uri(uri)
+    if scheme == "s3":
+        return _s3_filesystem(), path
+    return pafs.LocalFileSystem(), path
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return fs.type_name == "local"
+
+
+def write_table_atomic(output: str, name: str, table: pa.Table) -> str:
+    """Write ``table`` as OUTPUT/name so that readers see all of it or nothing."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes_atomic(output, name, buf.getvalue())
+    fs, root = resolve(output)
+    return f"{root}/{name}"
+
+
+def put_object(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """One PutObject: the object appears whole or not at all.
+
+    pyarrow's S3 output stream always goes through a multipart upload, whose completion
+    some S3-compatible servers reject; a Parquet file or side file is written once, whole,
+    so a single PUT (up to 5 GiB) is both simpler and atomic. boto3 reads the endpoint
+    (AWS_ENDPOINT_URL_S3), region and credentials from the environment as pyarrow does.
+    """
+    if fs.type_name != "s3":
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    import boto3
+
+    bucket, _, key = path.partition("/")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    boto3.client("s3", region_name=region, endpoint_url=endpoint).put_object(
+        Bucket=bucket, Key=key, Body=data)
+
+
+def write_bytes_atomic(output: str, name: str, data: bytes | pa.Buffer) -> None:
+    """The one way a file is written into OUTPUT (data files and side files alike): local
+    files through `drn.io.atomic_write` (a hidden ``.<name>.<uuid>.part`` renamed into
+    place), object stores with one PUT. Readers see the old file or the whole new one."""
+    fs, root = resolve(output)
+    final = f"{root}/{name}"
+    parent = final.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if is_local(fs):
+        with atomic_write(final) as f:
+            f.write(data)
+    else:
+        put_object(fs, final, data.to_pybytes() if isinstance(data, pa.Buffer) else data)
+
+
+PART_RE = re.compile(r"^\.(?P<name>part-[^/]+\.parquet|_[^/]+\.json)\.[0-9a-f]{32}\.part$")
+"""Names of what a writer killed mid-write leaves (see `drn.io.atomic_write`): only ours."""
+
+
+def read_bytes_or_none(output: str, name: str) -> bytes | None:
+    fs, root = resolve(output)
+    try:
+        with fs.open_input_stream(f"{root}/{name}") as f:
+            return f.read()
+    except (FileNotFoundError, OSError):
+        return None
+
+

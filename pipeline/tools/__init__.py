@@ -1,0 +1,1 @@
+"""Tools over a labelled OUTPUT: summary, report, export, evaluation, benchmarks, the demo."""

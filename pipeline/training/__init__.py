@@ -1,0 +1,1 @@
+"""Training: synthetic sets with exact ground truth, and training / fine-tuning DRN models."""
