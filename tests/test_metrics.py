@@ -154,9 +154,10 @@ def test_evaluate_output_matches_by_id_and_counts_what_is_missing(tmp_path, grou
     pred_b = b.copy()
     pred_b[0, :] = 0  # 4 of 16 wrong
     _write(out / "part-0.parquet", [_row("images/0000.png", pred_a), _row("0001.png", pred_b)])
-    _write(out / "sub" / "part-1.parquet", [_row("images/0009.png", pred_a), _row("images/0002.png", status="error")])
-    _write(out / "_runs" / "junk.parquet", [_row("images/0002.png", a)])  # never read: "_" prefix
-    (out / "_progress.json").write_text("{}")
+    _write(out / "data" / "part-1.parquet", [_row("images/0009.png", pred_a), _row("images/0002.png", status="error")])
+    _write(out / "_state" / "junk.parquet", [_row("images/0002.png", a)])  # never read: "_" prefix
+    _write(out / "nested" / "data" / "part-2.parquet", [_row("images/0002.png", a)])  # another output's
+    (out / "_state" / "progress.json").write_text("{}")
 
     res = evaluate_output(str(out), gt)
     assert res["images_evaluated"] == 2
@@ -174,8 +175,8 @@ def test_evaluate_output_matches_by_id_and_counts_what_is_missing(tmp_path, grou
 def test_evaluate_output_needs_one_model(tmp_path, ground_truth):
     gt, a, _ = ground_truth
     out = tmp_path / "out"
-    _write(out / "a.parquet", [_row("0000.png", a)])
-    _write(out / "b.parquet", [_row("0000.png", 1 - a % 2, model="drn_c_26", sha="def")],
+    _write(out / "data" / "part-a.parquet", [_row("0000.png", a)])
+    _write(out / "data" / "part-b.parquet", [_row("0000.png", 1 - a % 2, model="drn_c_26", sha="def")],
            model="drn_c_26", sha="def")
     with pytest.raises(ValueError, match="several models"):
         evaluate_output(str(out), gt)
@@ -207,8 +208,8 @@ def test_evaluate_output_without_labelled_rows_is_an_error(tmp_path, ground_trut
 def test_evaluate_output_picks_an_identity_by_sha_prefix(tmp_path, ground_truth):
     """The 12-character prefix `inspect` prints selects the rows, as in export and report."""
     gt, a, b = ground_truth
-    _write(tmp_path / "out" / "part-1.parquet", [_row("0000.png", a, sha="aaaa1111" * 8)], sha="aaaa1111" * 8)
-    _write(tmp_path / "out" / "part-2.parquet", [_row("0000.png", b, sha="bbbb2222" * 8)], sha="bbbb2222" * 8)
+    _write(tmp_path / "out" / "data" / "part-1.parquet", [_row("0000.png", a, sha="aaaa1111" * 8)], sha="aaaa1111" * 8)
+    _write(tmp_path / "out" / "data" / "part-2.parquet", [_row("0000.png", b, sha="bbbb2222" * 8)], sha="bbbb2222" * 8)
     with pytest.raises(UsageError, match="holds rows of several models"):
         evaluate_output(str(tmp_path / "out"), gt)
     scores = evaluate_output(str(tmp_path / "out"), gt, weights_sha256="aaaa1111aaaa")

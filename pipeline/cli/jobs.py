@@ -114,7 +114,7 @@ def _progress_line(info) -> str | None:
     try:
         progress = read_progress(output)
     except Exception as exc:  # noqa: BLE001 - any storage error: say so, the state still counts
-        return f"progress:   cannot read {output}/_progress.json from here ({network_reason(exc)})"
+        return f"progress:   cannot read {output}/_state/progress.json from here ({network_reason(exc)})"
     if progress is None:
         return "progress:   none yet (the run has not started labelling)"
     p = progress

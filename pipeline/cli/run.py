@@ -55,7 +55,7 @@ def _looks_like_output(target: str) -> bool:
 @click.argument("target")
 @click.option("--address", default=None, envvar="RAY_ADDRESS", help="Ray cluster (for a job id).")
 def status(target: str, address: str | None) -> None:
-    """Progress of the run writing OUTPUT (its _progress.json), or the state of a submitted job ID."""
+    """Progress of the run writing OUTPUT (its _state/progress.json), or the state of a submitted job ID."""
     if not target.strip():
         raise UsageError("TARGET is empty: give an OUTPUT folder or a submitted job's id")
     if _looks_like_output(target):
@@ -63,7 +63,7 @@ def status(target: str, address: str | None) -> None:
 
         progress = read_progress(target)
         if progress is None:
-            raise UsageError(f"{target} has no _progress.json: no run has written there yet")
+            raise UsageError(f"{target} has no _state/progress.json: no run has written there yet")
         click.echo(json.dumps(progress, indent=2, sort_keys=True))
         return
     from pipeline.cli.jobs import print_status

@@ -17,7 +17,7 @@ Kinds (``drn-label schedule --kind``):
 - ``launcher``: a Ray cluster launcher config for ``ray up`` outside Kubernetes (AWS).
 
 Scheduled runs are incremental because `run` is: each labels only the images without a
-row for the same model identity and records itself in ``OUTPUT/_runs/``.
+row for the same model identity and records itself in ``OUTPUT/_state/runs/``.
 """
 from __future__ import annotations
 

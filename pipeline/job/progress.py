@@ -1,7 +1,7 @@
 """Progress of a running job: counts aggregated by an actor, shown and saved by the driver.
 
 Workers report labelled and committed rows to an actor whose handle they are given; a driver thread polls it
-every few seconds, writes ``OUTPUT/_progress.json`` and prints a live line on a terminal
+every few seconds, writes ``OUTPUT/_state/progress.json`` and prints a live line on a terminal
 (plain periodic lines otherwise). ``drn-label status OUTPUT`` prints the file.
 """
 from __future__ import annotations
@@ -93,7 +93,7 @@ def format_line(p: Progress) -> str:
 
 
 class ProgressReporter:
-    """Driver thread: poll the counter, save _progress.json, print, keep the lease fresh."""
+    """Driver thread: poll the counter, save _state/progress.json, print, keep the lease fresh."""
 
     def __init__(self, progress: Progress, poll: Callable[[], dict] | None, *,
                  save: Callable[[Progress], None], stream: TextIO | None = None,

@@ -1,18 +1,17 @@
 """The Parquet sink: workers write in parallel, each file committed atomically.
 
-- A write task's rows go into one file named ``part-<run_id>-<digest>.parquet``, where the
+- A write task's rows go into one file named ``data/part-<run_id>-<digest>.parquet``, where the
   digest is taken over the rows' image ids: a retried task rewrites the same name with the
   same rows, so a retry can never add a second copy.
 - Files are committed with `pipeline.store.fs.write_table_atomic` (local: a hidden part
   file renamed into place; S3: one PUT), so a reader never sees half a file.
-- Every non-data name starts with ``_``, so readers skip it.
+- ``data/`` holds data files only; side files live in ``_state/`` (see pipeline.store.output).
 - A write task commits only while its run still holds OUTPUT's lease: a run that lost
   it (stalled past the lease's expiry while another run took over) stops instead of
   labelling the same images a second time.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Iterable
 
 import pyarrow as pa
@@ -21,11 +20,7 @@ from ray.data.datasource import Datasink
 
 from pipeline.store.fs import write_table_atomic
 from pipeline.store.lease import check_lease
-
-
-def file_name(run_id: str, image_ids: list[str]) -> str:
-    digest = hashlib.sha1("\n".join(sorted(image_ids)).encode()).hexdigest()[:16]
-    return f"part-{run_id}-{digest}.parquet"
+from pipeline.store.output import data_file_name
 
 
 class LabelDatasink(Datasink):
@@ -51,7 +46,7 @@ class LabelDatasink(Datasink):
             return {"file": None, "rows": 0, "ok": 0, "errors": 0}
         table = pa.concat_tables(tables).cast(self.schema)
         table = table.sort_by("image_id")
-        name = file_name(self.run_id, table.column("image_id").to_pylist())
+        name = data_file_name(self.run_id, table.column("image_id").to_pylist())
         check_lease(self.output, self.run_id)
         write_table_atomic(self.output, name, table)
         errors = sum(1 for s in table.column("status").to_pylist() if s != "ok")

@@ -148,7 +148,7 @@ def write_bytes_atomic(output: str, name: str, data: bytes | pa.Buffer) -> None:
         put_object(fs, final, data.to_pybytes() if isinstance(data, pa.Buffer) else data)
 
 
-PART_RE = re.compile(r"^\.(?P<name>part-[^/]+\.parquet|_[^/]+\.json)\.[0-9a-f]{32}\.part$")
+PART_RE = re.compile(r"^\.(?P<name>part-[^/]+\.parquet|[^/]+\.json)\.[0-9a-f]{32}\.part$")
 """Names of what a writer killed mid-write leaves (see `drn.io.atomic_write`): only ours."""
 
 

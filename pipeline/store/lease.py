@@ -1,6 +1,6 @@
 """One writer per OUTPUT: the lease file, its heartbeat, and the check before each commit.
 
-``_lease.json`` names the run that may write OUTPUT. A second run exits 4 while the
+``_state/lease.json`` names the run that may write OUTPUT. A second run exits 4 while the
 holder is alive; a holder whose process is gone (same host and pid namespace) is taken
 over at once, another host's after ``LEASE_TTL_S`` seconds without a heartbeat. Write
 tasks call ``check_lease`` before every commit.

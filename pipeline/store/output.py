@@ -1,11 +1,24 @@
-"""The output contract (schema version 1): Parquet columns, file metadata, mask PNGs.
+"""The output contract (schema version 1): layout, Parquet columns, file metadata, mask PNGs.
 
 Everything that reads or writes OUTPUT goes through here, so the contract has one home.
-Non-data files in OUTPUT start with ``_`` so that Parquet readers skip them.
+
+Layout of OUTPUT::
+
+    OUTPUT/data/part-<run_id>-<digest>.parquet   the rows; nothing else lives in data/
+    OUTPUT/_state/progress.json                  the running (or last) run's progress
+    OUTPUT/_state/runs/<run_id>.json             one record per run
+    OUTPUT/_state/lease.json                     which run may write OUTPUT now
+
+Readers are pointed at ``OUTPUT/data``: it holds Parquet files only, which Polars and
+Hugging Face ``datasets`` require. ``OUTPUT`` itself also reads in pandas, pyarrow and
+DuckDB (``_``-prefixed names are skipped). Outputs of the earlier flat layout
+(``OUTPUT/part-*.parquet``, ``OUTPUT/_progress.json``, ``OUTPUT/_runs/``) read and resume
+as they are; new files go to the new places.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -16,9 +29,16 @@ from drn.labels import mask_dtype  # noqa: F401 - part of the contract: 8-bit up
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"drn_label"
-PROGRESS_FILE = "_progress.json"
-RUNS_DIR = "_runs"
-LEASE_FILE = "_lease.json"
+DATA_DIR = "data"
+STATE_DIR = "_state"
+PROGRESS_FILE = f"{STATE_DIR}/progress.json"
+RUNS_DIR = f"{STATE_DIR}/runs"
+LEASE_FILE = f"{STATE_DIR}/lease.json"
+LEGACY_PROGRESS_FILE = "_progress.json"  # the flat layout's (read, never written)
+LEGACY_RUNS_DIR = "_runs"
+DATA_FILE_RE = re.compile(r"^part-[A-Za-z0-9_.-]+\.parquet$")
+"""Names of the data files the project writes (``data_file_name``); nothing else is read
+as rows, rewritten or deleted."""
 
 MASK_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -145,25 +165,47 @@ def error_reason(error: str | None) -> str:
     return re.sub(r"\d+", "N", (error or "(no message)").split(": ", 1)[-1])
 
 
+def data_file_name(run_id: str, image_ids: list[str]) -> str:
+    """``data/part-<run_id>-<digest>.parquet``, the digest taken over the rows' image ids: a
+    retried write task rewrites the same name with the same rows, never a second copy."""
+    import hashlib
+
+    digest = hashlib.sha1("\n".join(sorted(image_ids)).encode()).hexdigest()[:16]
+    return f"{DATA_DIR}/part-{run_id}-{digest}.parquet"
+
+
 def data_files(output: str) -> list[str]:
-    """Committed Parquet data files under OUTPUT (skipping ``_``-prefixed names)."""
+    """OUTPUT's committed data files: ``part-*.parquet`` in ``OUTPUT/data/`` (and, from the
+    flat layout, in ``OUTPUT/`` itself). Other files, and anything in sub-folders (another
+    output nested inside this one), are not this OUTPUT's: see `foreign_files`."""
+    return _listed(output)[0]
+
+
+def foreign_files(output: str) -> list[str]:
+    """Parquet files under OUTPUT that are not its data files (a user's file, an output
+    nested inside this one): never read as rows, rewritten or deleted."""
+    return _listed(output)[1]
+
+
+def _listed(output: str) -> tuple[list[str], list[str]]:
     import pyarrow.fs as pafs
 
     from pipeline.store.fs import resolve
 
     fs, root = resolve(output)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        return []
-    files = []
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return [], []
+    ours, foreign = [], []
     for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         rel = f.path[len(root):].lstrip("/")
         if f.type != pafs.FileType.File or not rel.endswith(".parquet"):
             continue
-        if any(part.startswith(("_", ".")) for part in rel.split("/")):
-            continue
-        files.append(f.path)
-    return sorted(files)
+        parts = rel.split("/")
+        if any(part.startswith(("_", ".")) for part in parts):
+            continue  # side files, and the part files of writes in progress
+        own_depth = len(parts) == 1 or (len(parts) == 2 and parts[0] == DATA_DIR)
+        (ours if own_depth and DATA_FILE_RE.match(parts[-1]) else foreign).append(f.path)
+    return sorted(ours), sorted(foreign)
 
 
 def to_json_safe(value: Any) -> Any:

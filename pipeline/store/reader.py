@@ -17,7 +17,8 @@ import pyarrow.fs as pafs
 
 from pipeline.errors import NoRows, UsageError
 from pipeline.store.fs import read_bytes_or_none, resolve
-from pipeline.store.output import (METADATA_KEY, PROGRESS_FILE, RUNS_DIR, SCHEMA, OutputMetadata,
+from pipeline.store.output import (LEGACY_PROGRESS_FILE, LEGACY_RUNS_DIR, METADATA_KEY, PROGRESS_FILE,
+                                   RUNS_DIR, SCHEMA, OutputMetadata,
                                    data_files, decode_mask)
 
 BATCH_ROWS = 64
@@ -174,16 +175,17 @@ def count_errors(output: str, meta: OutputMetadata) -> int:
 
 
 def read_progress(output: str) -> dict | None:
-    raw = read_bytes_or_none(output, PROGRESS_FILE)
+    raw = read_bytes_or_none(output, PROGRESS_FILE) or read_bytes_or_none(output, LEGACY_PROGRESS_FILE)
     return json.loads(raw) if raw else None
 
 
 def read_runs(output: str) -> list[dict]:
-    """The run records in OUTPUT/_runs, oldest first."""
+    """The run records in OUTPUT/_state/runs (and the flat layout's _runs), oldest first."""
     fs, root = resolve(output)
-    sel = pafs.FileSelector(f"{root}/{RUNS_DIR}", allow_not_found=True)
     runs = []
-    for info in fs.get_file_info(sel):
+    infos = [info for folder in (RUNS_DIR, LEGACY_RUNS_DIR)
+             for info in fs.get_file_info(pafs.FileSelector(f"{root}/{folder}", allow_not_found=True))]
+    for info in infos:
         if info.type == pafs.FileType.File and info.path.endswith(".json"):
             with fs.open_input_stream(info.path) as f:
                 runs.append(json.loads(f.read()))

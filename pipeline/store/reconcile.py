@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline.store.fs import PART_RE, resolve, write_table_atomic
-from pipeline.store.output import RUNS_DIR, SCHEMA, OutputMetadata, data_files
+from pipeline.store.output import DATA_DIR, RUNS_DIR, SCHEMA, STATE_DIR, OutputMetadata, data_files
 from pipeline.store.reader import identity_filter, identity_mask, open_dataset
 
 
@@ -91,7 +91,7 @@ def clean_tmp(output: str) -> int:
     lease, so no live writer of OUTPUT can own one. Returns how many were removed."""
     fs, root = resolve(output)
     removed = 0
-    for folder in (root, f"{root}/{RUNS_DIR}"):
+    for folder in (root, f"{root}/{DATA_DIR}", f"{root}/{STATE_DIR}", f"{root}/{RUNS_DIR}"):
         for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
             if info.type == pafs.FileType.File and PART_RE.match(info.base_name):
                 fs.delete_file(info.path)

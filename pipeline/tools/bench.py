@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipeline.errors import JobError
+from pipeline.store.reader import read_progress, read_runs
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -195,8 +196,8 @@ def bench_pipeline(input_dir: Path, output: Path, *, arch: str, num_classes: int
     peaks = sampler.stop()
     if proc.returncode != 0:
         raise JobError(f"pipeline run failed ({proc.returncode}):\n{stderr[-3000:]}")
-    record = json.loads(next((output / "_runs").glob("*.json")).read_text())
-    progress = json.loads((output / "_progress.json").read_text())
+    record = read_runs(str(output))[-1]
+    progress = read_progress(str(output))
     return PipelineFigures(images=record["counts"]["ok"] + record["counts"]["errors"], wall_s=wall,
                            label_s=record["timings"]["label_s"],
                            steady_images_per_s=progress.get("steady_images_per_s") or 0.0,

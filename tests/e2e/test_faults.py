@@ -493,7 +493,7 @@ def test_a_killed_run_resumes_with_the_rest(images, tmp_path, ray_tmp):
     assert_each_once(rows, image_ids)
     assert Counter(rows.column("run_id").to_pylist()) == {killed_run: done,
                                                          records[0]: len(image_ids) - done}
-    assert not (output / "_tmp").exists() and not (output / LEASE_FILE).exists()
+    assert not list(output.rglob("*.part")) and not (output / LEASE_FILE).exists()
 
 
 # -- transient read errors at the storage layer ------------------------------------------------

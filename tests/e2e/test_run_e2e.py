@@ -89,15 +89,14 @@ def test_file_metadata_and_layout(labelled):
         assert meta["palette"] == [list(c) for c in CITYSCAPES.palette]
         assert meta["mean"] == list(CITYSCAPES.mean) and meta["std"] == list(CITYSCAPES.std)
         assert meta["num_classes"] == 19 and meta["ignore_index"] == 255
-    for p in out.rglob("*"):
-        rel = p.relative_to(out)
-        if not p.name.endswith(".parquet"):
-            assert rel.parts[0].startswith("_"), f"non-data file without a leading _: {rel}"
-    runs = list((out / "_runs").glob("*.json"))
+    # data/ holds Parquet data files only; everything else lives in _state/
+    assert sorted(p.name for p in (out / "data").iterdir()) == sorted(Path(f).name for f in files)
+    assert sorted(p.name for p in out.iterdir()) == ["_state", "data"]
+    runs = list((out / "_state" / "runs").glob("*.json"))
     assert len(runs) == 1
     record = json.loads(runs[0].read_text())
     assert record["state"] == "finished" and record["counts"]["to_label"] == len(list(_inputs(labelled)))
-    progress = json.loads((out / "_progress.json").read_text())
+    progress = json.loads((out / "_state" / "progress.json").read_text())
     assert progress["state"] == "finished" and progress["labelled"] == progress["total"]
 
 
@@ -188,9 +187,9 @@ def test_s3_round_trip_input_and_output(tmp_path, ray_session, s3_server, cli_ru
     assert "finished: 4 ok, 1 errors" in res.output
     keys = s3_server.keys(bucket, "labels/")
     data = [k for k in keys if k.endswith(".parquet")]
-    assert data and all(not k.split("/")[-1].startswith("_") for k in data)
-    assert f"labels/_progress.json" in keys and any(k.startswith("labels/_runs/") for k in keys)
-    assert not any(k.startswith("labels/_tmp") or k.endswith("_lease.json") for k in keys)
+    assert data and all(k.startswith("labels/data/part-") for k in data)
+    assert "labels/_state/progress.json" in keys and any(k.startswith("labels/_state/runs/") for k in keys)
+    assert not any(k.endswith(".part") or k.endswith("lease.json") for k in keys)
     fs, root = resolve(s3_out)
     table = pads.dataset([f"{bucket}/{k}" for k in data], filesystem=fs, format="parquet").to_table()
     rows = {r["image_id"]: r for r in table.to_pylist()}
