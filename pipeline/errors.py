@@ -49,5 +49,9 @@ class ErrorRateExceeded(JobError):
     exit_code = EXIT_ERROR_RATE
 
 
+class UnreadableData(DrnLabelError, OSError):
+    """A data file of OUTPUT (by its name, one of ours) is not readable Parquet."""
+
+
 class NoRows(DrnLabelError, LookupError):
     """OUTPUT holds no rows of what was asked for (no run yet, or another model's rows)."""

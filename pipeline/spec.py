@@ -92,6 +92,10 @@ class JobSpec:
     tta_flip: bool = key(False, "With --tta, also average a horizontal flip.")
     precision: str = key("fp32", "Inference precision.", choices=PRECISIONS)
     retries: int = key(3, "Retries of transient read failures per image.", min=0)
+    max_bytes: int = key(256 << 20, "Largest image file read, in bytes; larger files become error rows.",
+                         min=1)
+    max_pixels: int = key(100_000_000, "Largest image decoded (width x height, read from the header "
+                                       "before decoding); larger ones become error rows.", min=64)
     max_error_rate: float | None = key(None, "Exit 3 when the share of error rows exceeds this.",
                                        min=0, max=1)
     rows_per_file: int = key(1000, "Rows per Parquet file.", min=1)

@@ -297,13 +297,14 @@ def make_collection(root: Path) -> dict[str, ImageCase]:
     put("bad/empty.jpg", b"", None, error="not a decodable image (0 bytes)")
     truncated = good_jpeg[: len(good_jpeg) // 2]
     put("bad/truncated.jpg", truncated, None,
-        error=f"not a decodable image (truncated or not an image; {len(truncated)} bytes)")
+        error=f"truncated JPEG (64x64 declared, {len(truncated)} bytes, no end marker); not decoded")
     text = b"this is a text file, not a PNG\n"
     put("bad/not_an_image.png", text, None,
-        error=f"not a decodable image (truncated or not an image; {len(text)} bytes)")
+        error=f"not a decodable image (not PNG, JPEG, BMP, WebP or TIFF, or its header is cut "
+              f"short; {len(text)} bytes)")
     png = _save(Image.fromarray(next_scene(64, 64)), "PNG")
     put("bad/truncated.png", png[:-20], None,
-        error=f"not a decodable image (truncated or not an image; {len(png) - 20} bytes)")
+        error=f"truncated PNG (64x64 declared, {len(png) - 20} bytes, no end marker); not decoded")
     put("bad/one_pixel.png", _save(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), None,
         error="image too small to label (1x1; minimum 8x8)")
     put("bad/thin_20x4.png", _save(Image.fromarray(next_scene(4, 20)), "PNG"), None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -14,6 +15,7 @@ from pipeline.cluster.jobs import (POLL_S, TERMINAL, ClusterError, cluster_error
                                    submit_spec, wait_for)
 
 EXIT_INTERRUPTED = 130
+SECRET_NAME = re.compile(r"(?i)secret|token|password|passwd|credential|private|_key$|^AWS_ACCESS_KEY_ID$")
 
 
 def _finish(info, job_id: str) -> None:
@@ -39,6 +41,11 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
+        if SECRET_NAME.search(key):
+            raise click.BadParameter(
+                f"{key} looks like a credential, and Ray writes a job's environment to its logs; "
+                "give the cluster its credentials through its service account or a secret mount "
+                "(docs/clusters.md, 'Credentials')", param_hint="--env")
         env[key] = value
     return env
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import click
 
@@ -39,12 +40,23 @@ def run(input_, output, job_file, **options) -> None:
     from pipeline.job.run import run_job
 
     spec = spec_from_cli(input_, output, job_file, **options)
+    _stop_on_sigterm()
     result = run_job(spec, echo=lambda m: click.echo(m, err=True))
     click.echo(result.summary())
     if result.exit_code:
         labelled = result.ok + result.errors
         raise ErrorRateExceeded(f"{result.errors} of {labelled} images failed, more than "
                                 f"--max-error-rate {spec.max_error_rate}")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`drn-label stop`, Kubernetes, systemd) ends the run like Ctrl-C does: the
+    run record says "interrupted" and counts what was committed, and the lease is released."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _looks_like_output(target: str) -> bool:

@@ -34,6 +34,7 @@ class Progress:
     committed: int = 0
     committed_ok: int = 0
     committed_errors: int = 0
+    committed_files: int = 0
     images_per_s: float = 0.0
     # steady state: images after the first batch / time from the first to the last batch
     steady_images_per_s: float | None = None
@@ -51,7 +52,7 @@ class ProgressCounter:
 
     def __init__(self) -> None:
         self.labelled_ok = self.labelled_errors = 0
-        self.committed_ok = self.committed_errors = 0
+        self.committed_ok = self.committed_errors = self.committed_files = 0
         self.first_t: float | None = None
         self.first_n = 0  # images in the first report (labelled before first_t)
         self.last_t: float | None = None
@@ -64,12 +65,16 @@ class ProgressCounter:
         self.last_t = t if self.last_t is None else max(self.last_t, t)
 
     def add_committed(self, ok: int, errors: int) -> None:
+        """One file committed with `ok` + `errors` rows (a retried task rewrites the same
+        file; the sink reports only commits that happened)."""
         self.committed_ok += ok
         self.committed_errors += errors
+        self.committed_files += 1
 
     def snapshot(self) -> dict:
         return dict(labelled_ok=self.labelled_ok, labelled_errors=self.labelled_errors,
                     committed_ok=self.committed_ok, committed_errors=self.committed_errors,
+                    committed_files=self.committed_files,
                     first_t=self.first_t, first_n=self.first_n, last_t=self.last_t)
 
 
@@ -127,6 +132,7 @@ class ProgressReporter:
                 # A batch retried after a worker died is reported twice; rows are committed once.
                 p.labelled = min(p.labelled_ok + p.labelled_errors, p.total) if p.total else 0
                 p.committed = p.committed_ok + p.committed_errors
+                p.committed_files = snap.get("committed_files", 0)
                 if snap["first_t"] and p.labelled:
                     # rate since the first image came out of the model (start-up excluded)
                     span = max(time.time() - snap["first_t"], 1e-3)

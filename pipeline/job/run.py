@@ -29,7 +29,8 @@ from pipeline.spec import JobSpec
 from pipeline.store.fs import resolve, write_bytes_atomic
 from pipeline.store.lease import (LeaseLost, acquire_lease, heartbeat_lease, lease_holder,
                                   release_lease)
-from pipeline.store.output import PROGRESS_FILE, RUNS_DIR, OutputMetadata, schema_with_metadata
+from pipeline.store.output import (PROGRESS_FILE, RUNS_DIR, OutputMetadata, foreign_files,
+                                   schema_with_metadata)
 from pipeline.store.reconcile import (clean_tmp, drop_replaced_rows, existing_rows, has_duplicates,
                                       remove_identity_rows)
 from pipeline.store.sources import list_inputs
@@ -50,6 +51,7 @@ class RunResult:
     ok: int = 0
     errors: int = 0
     files: list[str] = field(default_factory=list)
+    files_committed: int = 0  # known from progress when the run did not finish
     startup_s: float = 0.0
     label_s: float = 0.0
     wall_s: float = 0.0
@@ -108,7 +110,10 @@ def ensure_ray(address: str | None) -> bool:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "DRN_LABEL_"))}
+    # Never credentials: Ray writes a runtime_env to its logs. Workers of an embedded Ray
+    # inherit this process's environment (AWS_* included); a cluster's workers take theirs
+    # from the cluster (service account, secret mounts: docs/clusters.md).
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith("DRN_LABEL_")}
     # Predict actors share the CPUs with decode and write tasks: idle OpenMP threads must
     # sleep, not spin (spinning threads slowed CPU inference many times over under load).
     env_vars.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
@@ -150,7 +155,8 @@ def build_dataset(spec: JobSpec, todo: pa.Table, meta: OutputMetadata, run_id: s
     decode_memory = INPUT_BLOCK_ROWS * spec.max_side * spec.max_side * 3 * 2
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=None,
                         num_cpus=spec.decode_cpus, memory=decode_memory,
-                        fn_kwargs={"max_side": spec.max_side, "retries": spec.retries})
+                        fn_kwargs={"max_side": spec.max_side, "retries": spec.retries,
+                                   "max_bytes": spec.max_bytes, "max_pixels": spec.max_pixels})
     model_spec = ModelSpec(model=spec.model, weights=spec.weights, classes=spec.classes,
                            num_classes=spec.num_classes, precision=spec.precision,
                            batch_size=spec.batch_size, torch_threads=default_torch_threads(spec),
@@ -180,6 +186,12 @@ def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
     run_id = new_run_id()
 
     check_output(output)
+    foreign = foreign_files(output)
+    if foreign:
+        shown = ", ".join(f[len(resolve(output)[1]):].lstrip("/") for f in foreign[:3])
+        echo(f"warning: OUTPUT {output} holds {len(foreign)} Parquet file(s) drn-label did not "
+             f"write there ({shown}{', ...' if len(foreign) > 3 else ''}): they are left alone "
+             "and never read as labels")
     meta = describe_model(spec)
     if meta.weights_sha256.startswith("init"):
         echo(f"warning: {spec.model} has no weights (random initialisation): labels will be "
@@ -286,7 +298,10 @@ def _run_leased(ctx: RunContext) -> RunResult:
         raise
     finally:
         if reporter is not None:
-            reporter.finish(state)
+            final = reporter.finish(state)
+            if state != "finished":  # the sink never reported back: count what was committed
+                result.ok, result.errors = final.committed_ok, final.committed_errors
+                result.files_committed = final.committed_files
             try:
                 ray.kill(counter)
             except Exception:  # noqa: BLE001
@@ -331,7 +346,7 @@ def _record(spec: JobSpec, meta: OutputMetadata, result: RunResult, t_start: flo
                   "weights_sha256": meta.weights_sha256, "num_classes": meta.num_classes},
         "counts": {"inputs": result.inputs, "skipped_existing": result.skipped,
                    "to_label": result.to_label, "ok": result.ok, "errors": result.errors,
-                   "files": len(result.files)},
+                   "files": max(len(result.files), result.files_committed)},
         "timings": {"started_at": datetime.fromtimestamp(t_start, timezone.utc).isoformat(),
                     "wall_s": round(result.wall_s, 3), "startup_s": round(result.startup_s, 3),
                     "label_s": round(result.label_s, 3),

@@ -14,7 +14,9 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from pipeline.store.decode import DEFAULT_MAX_PIXELS
 from pipeline.store.output import SCHEMA, class_fraction_of, encode_mask, mask_dtype
+from pipeline.store.sources import DEFAULT_MAX_BYTES
 
 # Columns between decode and predict: the source size, the inference size, raw RGB bytes.
 DECODED = pa.schema([
@@ -37,18 +39,25 @@ def one_line(text: str) -> str:
 
 
 # -- decode (CPU tasks) ------------------------------------------------------------------
-def decode_batch(batch: pa.Table, *, max_side: int, retries: int) -> pa.Table:
-    """Read and decode each row's image; errors become rows."""
+def decode_batch(batch: pa.Table, *, max_side: int, retries: int,
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+    """Read and decode each row's image; errors (from listing, reading or decoding) become rows."""
     from pipeline.store.decode import decode_image, fit_max_side
     from pipeline.store.sources import read_bytes
 
     out: dict[str, list] = {name: [] for name in DECODED.names}
-    for image_id, uri in zip(batch.column("image_id").to_pylist(), batch.column("uri").to_pylist()):
+    listed_errors = (batch.column("error").to_pylist() if "error" in batch.column_names
+                     else [None] * batch.num_rows)
+    for image_id, uri, listed_error in zip(batch.column("image_id").to_pylist(),
+                                           batch.column("uri").to_pylist(), listed_errors):
         row = {"image_id": image_id, "uri": uri, "status": "ok", "error": None, "height": None,
                "width": None, "in_height": None, "in_width": None, "pixels": None}
         try:
-            data = read_bytes(uri, retries=retries)
-            rgb = decode_image(data, uri)
+            if listed_error:
+                raise ValueError(f"{uri}: {listed_error}")
+            data = read_bytes(uri, retries=retries, max_bytes=max_bytes)
+            rgb = decode_image(data, uri, max_pixels=max_pixels)
+            del data
             row["height"], row["width"] = int(rgb.shape[0]), int(rgb.shape[1])
             small = fit_max_side(rgb, max_side)
             row["in_height"], row["in_width"] = int(small.shape[0]), int(small.shape[1])

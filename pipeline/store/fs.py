@@ -76,6 +76,8 @@ def _s3_filesystem() -> pafs.FileSystem:
             kwargs["scheme"] = parts.scheme
         if region:
             kwargs["region"] = region
+        # Bounded in time: a stalled connection fails (and is retried as transient).
+        kwargs.update(connect_timeout=10.0, request_timeout=60.0)
         if access_key and secret_key:  # otherwise the SDK's default chain (profile, IMDS, IRSA)
             kwargs.update(access_key=access_key, secret_key=secret_key)
             if session_token:

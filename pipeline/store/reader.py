@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline.errors import NoRows, UsageError
+from pipeline.errors import NoRows, UnreadableData, UsageError
 from pipeline.store.fs import read_bytes_or_none, resolve
 from pipeline.store.output import (LEGACY_PROGRESS_FILE, LEGACY_RUNS_DIR, METADATA_KEY, PROGRESS_FILE,
                                    RUNS_DIR, SCHEMA, OutputMetadata,
@@ -43,7 +44,12 @@ def read_metadata(output: str) -> list[OutputMetadata]:
     fs, _ = resolve(output)
     seen: dict[str, OutputMetadata] = {}
     for path in data_files(output):
-        md = pq.read_schema(path, filesystem=fs).metadata or {}
+        try:
+            md = pq.read_schema(path, filesystem=fs).metadata or {}
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UnreadableData(f"{output}: data file {path} is not readable Parquet "
+                                 f"({' '.join(str(exc).split())[:200]}); move it out of OUTPUT/data "
+                                 "(rerunning relabels its images)") from None
         raw = md.get(METADATA_KEY)
         if raw is not None and raw not in seen:
             seen[raw] = OutputMetadata.from_json(raw)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from pipeline.errors import UnreadableData
 from pipeline.store.fs import PART_RE, resolve, write_table_atomic
 from pipeline.store.output import DATA_DIR, RUNS_DIR, SCHEMA, STATE_DIR, OutputMetadata, data_files
 from pipeline.store.reader import identity_filter, identity_mask, open_dataset
@@ -24,7 +25,12 @@ def existing_rows(output: str, meta: OutputMetadata,
     dataset = open_dataset(output)
     if dataset is None:
         return pa.table({c: pa.array([], SCHEMA.field(c).type) for c in columns})
-    return dataset.to_table(columns=list(columns), filter=identity_filter(meta))
+    try:
+        return dataset.to_table(columns=list(columns), filter=identity_filter(meta))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UnreadableData(f"OUTPUT {output}: a data file cannot be read "
+                             f"({' '.join(str(exc).split())[:300]}); move it out of OUTPUT/data "
+                             "(rerunning relabels its images)") from None
 
 
 def has_duplicates(image_ids: pa.ChunkedArray) -> bool:

@@ -24,13 +24,16 @@ import os
 import posixpath
 import random
 import re
+import stat
 import time
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline.store.fs import SCHEME_RE, resolve, split_uri, to_uri
+from pipeline.errors import DrnLabelError
+from pipeline.store.fs import SCHEME_RE, is_local, resolve, split_uri, to_uri
 
 __all__ = [
     "IMAGE_EXTENSIONS", "INPUT_SCHEMA", "InputError", "ReadError", "is_transient",
@@ -40,7 +43,10 @@ __all__ = [
 IMAGE_EXTENSIONS = ("bmp", "jpeg", "jpg", "png", "tif", "tiff", "webp")
 """Extensions a directory listing picks up, in any letter case."""
 
-INPUT_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string())])
+INPUT_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("error", pa.string())])
+"""What listing yields: one row per input; `error` (null for most) says why an input found
+while listing cannot be read (a FIFO, a name that is not UTF-8, a URI outside the
+manifest's bucket): it becomes that input's error row without being opened."""
 
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 
@@ -49,7 +55,7 @@ _HIDDEN_RE = r"(^|/)\."
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-class InputError(ValueError):
+class InputError(DrnLabelError, ValueError):
     """INPUT cannot be listed; the message names it and says what to do."""
 
 
@@ -96,7 +102,7 @@ def list_inputs(input: str) -> pa.Table:  # noqa: A002 - the CLI's name for it
         table = _read_manifest(input, fs, scheme, path)
     elif re.search(_IMAGE_RE, path):
         table = pa.table({"image_id": [posixpath.basename(path)],
-                          "uri": [to_uri(scheme, path)]}, schema=INPUT_SCHEMA)
+                          "uri": [to_uri(scheme, path)], "error": [None]}, schema=INPUT_SCHEMA)
     else:
         raise InputError(
             f"input {input}: not a directory, glob, manifest or image; manifests end in "
@@ -106,30 +112,143 @@ def list_inputs(input: str) -> pa.Table:  # noqa: A002 - the CLI's name for it
     return table
 
 
-def _listing(fs: pafs.FileSystem, base: str, recursive: bool) -> tuple[pa.Array, pa.Array]:
-    """(full paths, paths relative to base) of the files under base, hidden ones skipped."""
+def _listing(fs: pafs.FileSystem, base: str, recursive: bool) -> pa.Table:
+    """`path`, `rel` (relative to base) and `error` of the files under base, hidden ones
+    skipped. Local folders are walked by `walk_local` (symlink loops, special files and
+    names that are not UTF-8 handled); object stores list through pyarrow."""
+    if is_local(fs):
+        rows = list(walk_local(base, recursive=recursive))
+        return pa.table({"path": [r[0] for r in rows], "rel": [r[1] for r in rows],
+                         "error": [r[2] for r in rows]},
+                        schema=pa.schema([("path", pa.string()), ("rel", pa.string()),
+                                          ("error", pa.string())]))
     selector = pafs.FileSelector(base, recursive=recursive)
     paths = pa.array([i.path for i in fs.get_file_info(selector) if i.is_file], pa.string())
     prefix = base.rstrip("/") + "/"
     relative = pc.utf8_slice_codeunits(paths, len(prefix))
     visible = pc.invert(pc.match_substring_regex(relative, _HIDDEN_RE))
-    return paths.filter(visible), relative.filter(visible)
+    paths, relative = paths.filter(visible), relative.filter(visible)
+    return pa.table({"path": paths, "rel": relative, "error": pa.nulls(len(paths), pa.string())})
 
 
-def _table(scheme: str, paths: pa.Array, image_ids: pa.Array) -> pa.Table:
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_file_kind(mode: int) -> str | None:
+    """What a non-regular, non-directory file is ("a FIFO", ...), None for a regular file."""
+    for test, kind in _SPECIAL:
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def walk_local(base: str, *, recursive: bool = True) -> Iterator[tuple[str, str, str | None]]:
+    """(path, path relative to base, error or None) of each file under local folder `base`.
+
+    Terminates on any tree: a directory is entered at most once per real directory
+    (device, inode), so symlink loops and links to folders already seen add nothing; each
+    regular file is listed once. Real names win over symlinked ones: the tree is walked
+    without following symlinks first, and symlinks are followed afterwards only to what
+    was not seen. Names starting with "." are skipped. Names that are not valid UTF-8 are
+    listed with an error that shows the name escaped; FIFOs, devices, sockets and broken
+    symlinks are listed with an error (never opened, so never waited on).
+    """
+    root = os.fsencode(base.rstrip("/") or "/")
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    try:
+        st = os.stat(root)
+    except OSError:
+        return
+    seen_dirs.add((st.st_dev, st.st_ino))
+    folders: list[bytes] = [b""]      # real folders still to walk
+    links: list[bytes] = []           # symlinks met on the way, followed after the walk
+    while folders or links:
+        if folders:
+            rel_dir = folders.pop()
+            folder = os.path.join(root, rel_dir) if rel_dir else root
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError:
+                continue  # unreadable folder: nothing to list in it
+            subdirs = []
+            for entry in entries:
+                if entry.name.startswith(b"."):
+                    continue
+                rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
+                if entry.is_symlink():
+                    links.append(rel)
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if recursive and (st.st_dev, st.st_ino) not in seen_dirs:
+                        seen_dirs.add((st.st_dev, st.st_ino))
+                        subdirs.append(rel)
+                    continue
+                listed = _file_once(root, rel, st, seen_files)
+                if listed:
+                    yield listed
+            folders.extend(reversed(subdirs))
+            continue
+        rel = links.pop(0)
+        try:
+            st = os.stat(os.path.join(root, rel))
+        except OSError:
+            yield _listed_file(root, rel, "a broken symbolic link (its target does not exist)")
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if recursive and (st.st_dev, st.st_ino) not in seen_dirs:
+                seen_dirs.add((st.st_dev, st.st_ino))
+                folders.append(rel)
+            continue
+        listed = _file_once(root, rel, st, seen_files)
+        if listed:
+            yield listed
+
+
+def _file_once(root: bytes, rel: bytes, st: os.stat_result,
+               seen_files: set[tuple[int, int]]) -> tuple[str, str, str | None] | None:
+    if stat.S_ISREG(st.st_mode):
+        key = (st.st_dev, st.st_ino)
+        if key in seen_files:
+            return None
+        seen_files.add(key)
+        return _listed_file(root, rel, None)
+    return _listed_file(root, rel, f"{special_file_kind(st.st_mode)}, not an image file")
+
+
+def _listed_file(root: bytes, rel: bytes, error: str | None) -> tuple[str, str, str | None]:
+    path = os.path.join(root, rel)
+    try:
+        return path.decode("utf-8"), rel.decode("utf-8"), error
+    except UnicodeDecodeError:
+        shown = rel.decode("utf-8", "backslashreplace")
+        full = path.decode("utf-8", "backslashreplace")
+        return full, shown, (f"the file name is not valid UTF-8 (shown escaped: {shown}); "
+                             "rename the file to label it")
+
+
+def _table(scheme: str, listed: pa.Table) -> pa.Table:
+    paths = listed["path"]
     uris = paths if scheme != "s3" else pc.binary_join_element_wise("s3://", paths, "")
-    return pa.table({"image_id": image_ids, "uri": uris}, schema=INPUT_SCHEMA)
+    return pa.table({"image_id": listed["rel"], "uri": uris, "error": listed["error"]},
+                    schema=INPUT_SCHEMA)
 
 
 def _list_directory(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Table:
-    paths, relative = _listing(fs, path, recursive=True)
-    images = pc.match_substring_regex(relative, _IMAGE_RE)
+    listed = _listing(fs, path, recursive=True)
+    images = pc.match_substring_regex(listed["rel"], _IMAGE_RE)
     if not pc.any(images).as_py():
         raise InputError(
             f"input {input}: no images in this directory or its subfolders (looked for "
             f".{', .'.join(IMAGE_EXTENSIONS)} in any letter case); point INPUT at the folder "
             "that holds the images, or use a glob or a manifest")
-    return _table(scheme, paths.filter(images), relative.filter(images))
+    return _table(scheme, listed.filter(images))
 
 
 def glob_to_regex(pattern: str) -> str:
@@ -175,12 +294,12 @@ def _list_glob(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Ta
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         raise InputError(f"input {input}: the glob's folder {to_uri(scheme, base)} does not "
                          "exist; check the path before the first wildcard")
-    paths, relative = _listing(fs, base, recursive="/" in pattern or "**" in pattern)
-    matches = pc.match_substring_regex(relative, glob_to_regex(pattern))
+    listed = _listing(fs, base, recursive="/" in pattern or "**" in pattern)
+    matches = pc.match_substring_regex(listed["rel"], glob_to_regex(pattern))
     if not pc.any(matches).as_py():
         raise InputError(f"input {input}: the glob matched no files; check the pattern "
                          "(matching is case-sensitive; '**' spans folders)")
-    return _table(scheme, paths.filter(matches), relative.filter(matches))
+    return _table(scheme, listed.filter(matches))
 
 
 def _read_manifest(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Table:
@@ -209,8 +328,8 @@ def _read_manifest(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> p
         if "image_id" in table.column_names:
             given = _as_string(table.column("image_id"))
             image_ids = pc.if_else(pc.fill_null(pc.equal(given, ""), True), written, given)
-    uris = _resolve_relative(written, scheme, posixpath.dirname(path))
-    return pa.table({"image_id": image_ids, "uri": uris}, schema=INPUT_SCHEMA)
+    uris, errors = _resolve_relative(written, scheme, posixpath.dirname(path))
+    return pa.table({"image_id": image_ids, "uri": uris, "error": errors}, schema=INPUT_SCHEMA)
 
 
 def _read_table(input: str, fs: pafs.FileSystem, path: str, suffix: str) -> pa.Table:
@@ -245,20 +364,31 @@ def _as_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column if column.type == pa.string() else pc.cast(column, pa.string())
 
 
-def _resolve_relative(written: pa.Array, scheme: str, folder: str) -> pa.Array:
-    """URIs as written, with relative ones joined onto the manifest's folder."""
+def _resolve_relative(written: pa.Array, scheme: str, folder: str) -> tuple[pa.Array, pa.Array]:
+    """URIs as written, with relative ones joined onto the manifest's folder; and an error
+    for each relative URI that climbs out of the manifest's bucket (object stores): it is
+    never read, wherever it points."""
     absolute = pc.or_(pc.match_substring_regex(written, SCHEME_RE.pattern),
                       pc.starts_with(written, "/"))
+    no_errors = pa.nulls(len(written), pa.string())
     if pc.all(absolute).as_py():
-        return written
+        return written, no_errors
     joined = pc.binary_join_element_wise(folder, written, "/")
     dotted = pc.and_(pc.invert(absolute), pc.match_substring_regex(written, r"(^|/)\.\.?(/|$)"))
+    errors = no_errors
     if pc.any(dotted).as_py():  # rare: normalise ./ and ../ in Python, only for those rows
-        joined = pa.array([posixpath.normpath(p) if d else p
-                           for p, d in zip(joined.to_pylist(), dotted.to_pylist())], pa.string())
+        bucket = folder.split("/", 1)[0]
+        paths, problems = [], []
+        for p, d, w in zip(joined.to_pylist(), dotted.to_pylist(), written.to_pylist()):
+            normal = posixpath.normpath(p) if d else p
+            outside = scheme == "s3" and d and normal.split("/", 1)[0] != bucket
+            paths.append(normal)
+            problems.append(f"relative URI {w} leaves the manifest's bucket {bucket}; write the "
+                            "full s3:// URI to read from another bucket" if outside else None)
+        joined, errors = pa.array(paths, pa.string()), pa.array(problems, pa.string())
     if scheme == "s3":
         joined = pc.binary_join_element_wise("s3://", joined, "")
-    return pc.if_else(absolute, written, joined)
+    return pc.if_else(absolute, written, joined), errors
 
 
 def _check_unique(input: str, image_ids: pa.ChunkedArray) -> None:
@@ -341,15 +471,46 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+DEFAULT_MAX_BYTES = 256 << 20
+"""Largest image file read (bytes); larger ones become error rows (`--max-bytes`)."""
+
+
+class TooLarge(OSError):
+    """A file larger than the byte cap, or not a regular file: permanent, never retried."""
+
+
+_CHUNK = 1 << 20
+
+
+def _read_capped(stream, max_bytes: int) -> bytes:
+    """All of `stream`, in chunks (memory grows with the file, never with the cap)."""
+    chunks, total = [], 0
+    while True:
+        chunk = stream.read(min(_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise TooLarge(f"larger than the byte cap of {max_bytes:,} bytes (--max-bytes)")
+
+
 def read_bytes(uri: str, *, retries: int = 3, backoff: float = 0.2,
-               filesystem: pafs.FileSystem | None = None) -> bytes:
-    """The whole object at `uri`.
+               filesystem: pafs.FileSystem | None = None,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The whole object at `uri`, at most `max_bytes` of it.
 
     Transient failures (see `is_transient`) are retried up to `retries` times, waiting
     `backoff` * 2**k seconds (k = 0, 1, ...) with +-50% jitter between attempts;
     permanent ones fail at once. Any failure ends in a ReadError (one line: the URI, the
     reason, the attempts). `filesystem` replaces the filesystem `uri` resolves to (the
     path is still taken from `uri`): the hook for fault injection and custom stores.
+
+    Bounded: a local path is checked with stat before it is opened (a FIFO, a device or
+    a socket is refused, never read or waited on), and no more than `max_bytes` + 1 bytes
+    are read from anything, so `/dev/zero` or a huge object costs at most the cap.
+    Object-store reads are bounded in time by the filesystem's own request timeouts
+    (pipeline.store.fs).
     """
     attempts = 0
     while True:
@@ -359,8 +520,17 @@ def read_bytes(uri: str, *, retries: int = 3, backoff: float = 0.2,
                 fs, path = resolve(uri)
             else:
                 fs, path = filesystem, split_uri(uri)[1]
+            if is_local(fs):
+                mode = os.stat(path).st_mode
+                kind = special_file_kind(mode)
+                if stat.S_ISDIR(mode):
+                    raise IsADirectoryError(path)
+                if kind:
+                    raise TooLarge(f"{kind}, not an image file")
             with fs.open_input_stream(path) as stream:
-                return stream.read()
+                return _read_capped(stream, max_bytes)
+        except TooLarge as exc:
+            raise ReadError(uri, str(exc), attempts, False) from None
         except (OSError, pa.ArrowException, ValueError) as exc:
             transient = is_transient(exc)
             if not transient or attempts > retries:

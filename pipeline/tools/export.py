@@ -18,6 +18,7 @@ Formats:
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from html import escape
@@ -95,31 +96,60 @@ class ExportResult:
 
 # -- png -------------------------------------------------------------------------------------
 def export_png(output: str, out: Path, meta: OutputMetadata, *, colour: bool = False) -> ExportResult:
-    """A folder of mask PNGs named after the image ids. `out` must be new or empty, so that
-    two ids that map to one name (``a.jpg``, ``a.png``) are noticed: the second is written
-    under its full id (``a.png.png``)."""
+    """A folder of mask PNGs named after the image ids. `out` must be new or empty. The
+    folder is written under a temporary name beside it and renamed when whole, so a failed
+    export leaves nothing behind. Ids that map to one name (``a.jpg`` and ``a.png``), or a
+    name that is also another id's folder (``a.png`` and ``a.png/b.jpg``), are told apart
+    (``a.png.png``; ``a.png~1.png``), never overwritten."""
     import cv2
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out}: exists and is not an empty folder; choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
     images = 0
-    for row in iter_mask_rows(output, meta):
-        target = out / mask_png_name(row["image_id"])
-        if target.exists():
-            target = out / mask_png_name(row["image_id"], keep_extension=True)
-        k = 1
-        while target.exists():
-            target = out / f"{mask_png_name(row['image_id'], keep_extension=True)[:-4]}~{k}.png"
-            k += 1
-        target.parent.mkdir(parents=True, exist_ok=True)
-        mask = row["mask"]
-        pixels = cv2.cvtColor(colourise(mask, meta), cv2.COLOR_RGB2BGR) if colour else mask
-        if not cv2.imwrite(str(target), pixels):
-            raise ExportError(f"{target}: cannot be written")
-        images += 1
+    try:
+        for row in iter_mask_rows(output, meta):
+            target = _free_target(work, row["image_id"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            mask = row["mask"]
+            pixels = cv2.cvtColor(colourise(mask, meta), cv2.COLOR_RGB2BGR) if colour else mask
+            if not cv2.imwrite(str(target), pixels):
+                raise ExportError(f"{out / target.relative_to(work)}: cannot be written")
+            images += 1
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return ExportResult("png", str(out), images, 0, count_errors(output, meta))
+
+
+def _free_target(folder: Path, image_id: str) -> Path:
+    """Where image `image_id`'s mask goes in `folder`: its name, else its name with the
+    image's extension kept, else with ``~k``; never under a path that is a file."""
+    candidates = [mask_png_name(image_id), mask_png_name(image_id, keep_extension=True)]
+    for rel in candidates:
+        if _usable(folder, folder / rel):
+            return folder / rel
+    flat = candidates[1][:-4].replace("/", "~")
+    k = 1
+    while not _usable(folder, folder / f"{flat}~{k}.png"):
+        k += 1
+    return folder / f"{flat}~{k}.png"
+
+
+def _usable(folder: Path, target: Path) -> bool:
+    if target.exists():
+        return False
+    parent = target.parent
+    while parent != folder:
+        if parent.exists() and not parent.is_dir():
+            return False
+        parent = parent.parent
+    return True
 
 
 # -- coco ------------------------------------------------------------------------------------
@@ -285,6 +315,9 @@ def export(output: str, fmt: str, out: Path, *, colour: bool = False, model: str
         return export_png(output, out, meta, colour=colour)
     if colour:
         raise ExportError("--colour applies to --format png only")
+    if Path(out).is_dir():
+        raise ExportError(f"--out {out}: is a folder; give the JSON file to write, e.g. "
+                          f"{Path(out) / (fmt.replace('-', '_') + '.json')}")
     if fmt == "coco":
         return export_coco(output, out, meta)
     if fmt == "label-studio":

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 
 from pipeline.errors import UsageError
 from pipeline.store.fs import resolve
-from pipeline.store.output import error_reason
+from pipeline.store.output import error_reason, foreign_files
 from pipeline.store.reader import open_dataset, read_metadata, read_runs
 
 
@@ -21,7 +21,8 @@ def summarise(output: str, *, top_errors: int = 5) -> dict:
     dataset = open_dataset(output)
     metas = read_metadata(output)
     summary: dict = {"output": output, "rows": 0, "ok": 0, "errors": 0, "models": [],
-                     "runs": [], "mean_class_fraction": {}, "common_errors": []}
+                     "runs": [], "mean_class_fraction": {}, "common_errors": [],
+                     "foreign_files": [f[len(root):].lstrip("/") for f in foreign_files(output)]}
     summary["runs"] = [{"run_id": r["run_id"], "state": r.get("state"), **r.get("counts", {})}
                        for r in read_runs(output)]
     if dataset is None:
@@ -70,6 +71,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"mean class fraction, {label}:")
         for name, v in sorted(fractions.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {name:<20} {v:7.2%}")
+    if s.get("foreign_files"):
+        shown = ", ".join(s["foreign_files"][:3]) + (", ..." if len(s["foreign_files"]) > 3 else "")
+        lines.append(f"not labels (Parquet files drn-label did not write here, left alone): {shown}")
     if s["common_errors"]:
         lines.append("most common errors:")
         for e in s["common_errors"]:

@@ -327,7 +327,7 @@ def test_read_masks_streams_decoded_rows(run, masks):
 def test_hugging_face_datasets_decodes_the_mask_column_as_images(run, masks, tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets", reason="datasets is in the test extra")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
-    ds = datasets.load_dataset("parquet", data_files=f"{run.output}/*.parquet", split="train")
+    ds = datasets.load_dataset("parquet", data_files=f"{run.output}/data/*.parquet", split="train")
     ds = ds.cast_column("mask", datasets.Image())
     assert len(ds) == run.table.num_rows
     for row in ds:

@@ -293,6 +293,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lease(ray_session, imag
     # A run that died long ago elsewhere left its lease: expired, so it is taken over.
     stale = {"run_id": "20200101T000000Z-dead00", "host": "elsewhere", "pid": 1,
              "heartbeat": time.time() - 2 * LEASE_TTL_S}
+    (output / LEASE_FILE).parent.mkdir(parents=True)
     (output / LEASE_FILE).write_text(json.dumps(stale))
     first: dict = {}
 

@@ -137,7 +137,8 @@ def test_error_texts():
     with pytest.raises(DecodeError) as info:
         decode_image(b"x" * 1234, "data/004.jpg")
     assert str(info.value) == (
-        "data/004.jpg: not a decodable image (truncated or not an image; 1234 bytes)")
+        "data/004.jpg: not a decodable image (not PNG, JPEG, BMP, WebP or TIFF, or its header "
+        "is cut short; 1234 bytes)")
     with pytest.raises(DecodeError) as info:
         decode_image(_png(np.zeros((1, 1, 3), np.uint8)), "x.png")
     assert str(info.value) == "x.png: image too small to label (1x1; minimum 8x8)"

@@ -450,3 +450,18 @@ def test_read_error_pickles():
 def test_is_transient(exc, transient):
     assert is_transient(exc) is transient
 
+
+
+def test_relative_s3_manifest_uris_stay_in_the_manifests_bucket(s3_server, s3_images):
+    """`../../otherbucket/x.png` in s3://bucket/a/m.txt would resolve into another bucket:
+    it becomes an error row (never read), while relative URIs inside the bucket resolve."""
+    bucket = s3_images.split("/")[2]
+    s3_server.put(bucket, "photos/lists/escape.txt",
+                  b"../street/rgb_200x120.png\n../../../otherbucket/x.png\n../../../../x.png\n")
+    table = list_inputs(f"{s3_images}/lists/escape.txt")
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    assert rows["../street/rgb_200x120.png"]["error"] is None
+    assert rows["../../../otherbucket/x.png"]["error"] == (
+        f"relative URI ../../../otherbucket/x.png leaves the manifest's bucket {bucket}; write "
+        "the full s3:// URI to read from another bucket")
+    assert "leaves the manifest's bucket" in rows["../../../../x.png"]["error"]
