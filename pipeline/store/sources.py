@@ -162,6 +162,17 @@ def walk_local(base: str, *, recursive: bool = True) -> Iterator[tuple[str, str,
     except OSError:
         return
     seen_dirs.add((st.st_dev, st.st_ino))
+
+    def visit(rel: bytes, st: os.stat_result, walk_later: list[bytes]):
+        """A folder not seen yet goes onto `walk_later`; a file becomes its listing row
+        (None for a second name of a file already listed)."""
+        if stat.S_ISDIR(st.st_mode):
+            if recursive and (st.st_dev, st.st_ino) not in seen_dirs:
+                seen_dirs.add((st.st_dev, st.st_ino))
+                walk_later.append(rel)
+            return None
+        return _file_once(root, rel, st, seen_files)
+
     folders: list[bytes] = [b""]      # real folders still to walk
     links: list[bytes] = []           # symlinks met on the way, followed after the walk
     while folders or links:
@@ -185,12 +196,7 @@ def walk_local(base: str, *, recursive: bool = True) -> Iterator[tuple[str, str,
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if stat.S_ISDIR(st.st_mode):
-                    if recursive and (st.st_dev, st.st_ino) not in seen_dirs:
-                        seen_dirs.add((st.st_dev, st.st_ino))
-                        subdirs.append(rel)
-                    continue
-                listed = _file_once(root, rel, st, seen_files)
+                listed = visit(rel, st, subdirs)
                 if listed:
                     yield listed
             folders.extend(reversed(subdirs))
@@ -201,12 +207,7 @@ def walk_local(base: str, *, recursive: bool = True) -> Iterator[tuple[str, str,
         except OSError:
             yield _listed_file(root, rel, "a broken symbolic link (its target does not exist)")
             continue
-        if stat.S_ISDIR(st.st_mode):
-            if recursive and (st.st_dev, st.st_ino) not in seen_dirs:
-                seen_dirs.add((st.st_dev, st.st_ino))
-                folders.append(rel)
-            continue
-        listed = _file_once(root, rel, st, seen_files)
+        listed = visit(rel, st, folders)
         if listed:
             yield listed
 
