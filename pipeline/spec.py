@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 try:  # Python 3.11+
     import tomllib
@@ -29,32 +29,101 @@ class SpecError(UsageError):
     """A job spec that cannot run; the message names the key and the file."""
 
 
+def worker_range(value: int | str) -> tuple[int, int]:
+    """(min, max) predict actors of `workers`: N (a fixed pool) or "MIN-MAX" (a pool that
+    Ray Data grows from MIN to MAX actors while there is work queued for them)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number of workers or MIN-MAX, got {value!r}")
+    if isinstance(value, int):
+        low = high = value
+    else:
+        text = str(value).strip()
+        low_text, dash, high_text = text.partition("-")
+        try:
+            low = int(low_text)
+            high = int(high_text) if dash else low
+        except ValueError:
+            raise ValueError(f"must be a number (4) or a range MIN-MAX (2-8), got {value!r}") from None
+    if low < 1:
+        raise ValueError(f"must be at least 1, got {low}")
+    if high < low:
+        raise ValueError(f"MAX must be at least MIN, got {value!r}")
+    return low, high
+
+
+def canonical_workers(value: int | str) -> int | str:
+    """`workers` as stored: an int for a fixed pool, "MIN-MAX" for an autoscaling one."""
+    low, high = worker_range(value)
+    return low if low == high else f"{low}-{high}"
+
+
+def check_cron(value: str) -> None:
+    """Raise ValueError unless `value` is a five-field cron expression (or a macro such as
+    @daily) that Kubernetes CronJobs and KubeRay RayCronJobs accept."""
+    from croniter import croniter
+
+    text = value.strip()
+    macros = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+    if text.startswith("@"):
+        if text not in macros:
+            raise ValueError(f"{value!r} is not a cron macro (one of {', '.join(macros)})")
+        return
+    if len(text.split()) != 5 or not croniter.is_valid(text):
+        raise ValueError(f"{value!r} is not a cron expression; give five fields "
+                         "(minute hour day-of-month month day-of-week), e.g. \"0 2 * * *\"")
+
+
+def check_time_zone(value: str) -> None:
+    """Raise ValueError unless `value` is an IANA time zone name (e.g. Europe/Berlin)."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not an IANA time zone; give a name such as UTC or "
+                         "Europe/Berlin") from None
+
+
 def key(default: Any = None, help: str = "", *, min: float | None = None,  # noqa: A002
         max: float | None = None, min_open: bool = False, choices: tuple[str, ...] = (),
-        cli: bool = True, default_factory: Any = None) -> Any:
+        cli: bool = True, default_factory: Any = None,
+        parse: Callable[[Any], Any] | None = None, metavar: str | None = None) -> Any:
     """A JobSpec field with what the TOML reader, `validate` and the CLI need to know.
 
     `help` is the option's help text (`cli=False`: a TOML-only key); `min`/`max` (with
     `min_open` for "greater than") and `choices` are checked by `validate` and become
-    the option's click type, so a bound is written once.
+    the option's click type, so a bound is written once. `parse` turns a value written in
+    TOML or on the command line into the field's canonical value, raising ValueError
+    with the reason (the CLI and `validate` both call it); `metavar` names the option's
+    value in --help.
     """
     meta = {"help": help, "min": min, "max": max, "min_open": min_open, "choices": choices,
-            "cli": cli}
+            "cli": cli, "parse": parse, "metavar": metavar}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
+def _checked(check: Callable[[str], None]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        check(value)
+        return value
+    return parse
+
+
 @dataclass(frozen=True)
 class ScheduleSpec:
-    cron: str | None = None
-    time_zone: str = "UTC"
+    cron: str | None = key(None, parse=_checked(check_cron))
+    time_zone: str = key("UTC", parse=_checked(check_time_zone))
     image: str = "drn-label:latest"
     kind: str = key("raycronjob", choices=SCHEDULE_KINDS)
     # Address of a long-lived cluster, for kind = "cronjob" (submit from a pod).
     address: str | None = None
     namespace: str = "default"
     name: str | None = None
+
+    parse_cron = staticmethod(_checked(check_cron))
+    parse_time_zone = staticmethod(_checked(check_time_zone))
 
 
 @dataclass(frozen=True)
@@ -73,7 +142,9 @@ class JobSpec:
     num_classes: int | None = key(None, "Number of classes when neither weights nor --classes tell it.",
                                   min=1)
     batch_size: int = key(4, "Images per forward pass.", min=1)
-    workers: int = key(1, "Predict actors.", min=1)
+    workers: int | str = key(1, "Predict actors: N, or MIN-MAX for a pool that grows from MIN "
+                                "to MAX actors while work is queued.", parse=canonical_workers,
+                             metavar="N|MIN-MAX")
     gpus_per_worker: float = key(0.0, "GPUs per predict actor; fractions share a GPU.", min=0)
     cpus_per_worker: float = key(1.0, "CPUs reserved per predict actor.", min=0, min_open=True)
     torch_threads: int | None = key(None, "Torch threads per predict actor [default: on CPU, "
@@ -108,6 +179,10 @@ class JobSpec:
     schedule: ScheduleSpec = key(default_factory=ScheduleSpec, cli=False)
     source: str | None = field(default=None, metadata={"cli": False, "toml": False})  # the TOML file, for messages
 
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) predict actors (equal for a fixed pool)."""
+        return worker_range(self.workers)
+
     def replace(self, **changes: Any) -> "JobSpec":
         return dataclasses.replace(self, **changes)
 
@@ -123,7 +198,13 @@ class JobSpec:
             raise bad("output", "missing: give OUTPUT on the command line or `output = ...`")
         for prefix, obj in (("", self), ("schedule.", self.schedule)):
             for f in fields(obj):
-                problem = _out_of_bounds(f, getattr(obj, f.name))
+                value = getattr(obj, f.name)
+                problem = _out_of_bounds(f, value)
+                if problem is None and f.metadata.get("parse") and value is not None:
+                    try:
+                        f.metadata["parse"](value)
+                    except ValueError as exc:
+                        problem = str(exc)
                 if problem:
                     raise bad(prefix + f.name, problem)
         if self.overwrite and self.retry_errors:
@@ -156,6 +237,8 @@ def _out_of_bounds(f: dataclasses.Field, value: Any) -> str | None:
     values = value if isinstance(value, tuple) else (value,)
     if isinstance(value, tuple) and not value:
         return "must not be empty"
+    if isinstance(value, str):
+        return None
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
@@ -178,6 +261,8 @@ def toml_types_of(annotation: Any) -> tuple[type, ...]:
     """The TOML value types a field's annotation accepts (ints for floats, lists for tuples)."""
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     args = [a for a in typing.get_args(annotation) if a is not type(None)] if union else [annotation]
+    if len(args) > 1:  # e.g. workers: int | str
+        return tuple(t for a in args for t in toml_types_of(a))
     base = typing.get_origin(args[0]) or args[0]
     if base is tuple:
         return (list,)

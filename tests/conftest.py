@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.s3server"]
+pytest_plugins = ["tests.s3server", "tests.gcsserver"]
 
 # Keep every Ray process on 127.0.0.1 (Linux would otherwise pick the machine's address).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -17,11 +17,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server):
+def ray_session(s3_server, gcs_server):
     """A single local Ray instance (num_cpus=2) shared by every test that needs one.
 
-    The S3 test server starts first: Ray workers copy the driver's environment (the
-    endpoint and credentials) when Ray starts.
+    The S3 and GCS test servers start first: Ray workers copy the driver's environment
+    (the endpoints and credentials) when Ray starts.
     """
     import ray
 
@@ -35,6 +35,24 @@ def ray_session(s3_server):
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def spark_session():
+    """One local SparkSession on loopback for the session (a JVM start costs seconds).
+    pyspark brings Spark itself; it needs a Java runtime (17+) on PATH."""
+    import shutil
+
+    if shutil.which("java") is None:
+        pytest.skip("Spark needs a Java runtime (java on PATH); none is installed here")
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.master("local[1]").appName("drn-label-tests")
+             .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+             .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "1")
+             .getOrCreate())
+    yield spark
+    spark.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,9 @@ import click
 
 from pipeline.errors import DrnLabelError, UsageError
 
+# Every option can also be set as DRN_LABEL_<COMMAND>_<OPTION> (e.g. DRN_LABEL_RUN_JOB,
+# DRN_LABEL_RUN_BATCH_SIZE), so a scheduled run configures the same command through its
+# environment; --help shows each option's variable.
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DRN_LABEL",
            "show_default": True}
 
@@ -32,6 +35,7 @@ COMMANDS = {
     "schedule": "pipeline.cli.schedule:schedule",
     "export": "pipeline.cli.tools:export",
     "report": "pipeline.cli.tools:report",
+    "push": "pipeline.cli.tools:push",
     "bench": "pipeline.cli.tools:bench",
     "demo": "pipeline.cli.tools:demo",
     "synth": "pipeline.cli.training:synth",
@@ -53,7 +57,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.lazy_commands:
             module, attr = self.lazy_commands[cmd_name].split(":")
-            return getattr(importlib.import_module(module), attr)
+            return show_envvars(getattr(importlib.import_module(module), attr))
         return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context):
@@ -64,6 +68,15 @@ class LazyGroup(click.Group):
             raise click.UsageError(str(exc)) from None
         except DrnLabelError as exc:
             raise CommandFailed(str(exc), exc.exit_code) from None
+
+
+def show_envvars(command: click.Command) -> click.Command:
+    """List each option's environment variable in --help (click shows the automatic
+    DRN_LABEL_<COMMAND>_<OPTION> names only when an option asks for it)."""
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.hidden:
+            param.show_envvar = True
+    return command
 
 
 class CommandFailed(click.ClickException):
@@ -81,6 +94,9 @@ def quiet_ray() -> None:
     """Keep Ray's own start-up notices and progress bars out of the output (-v shows them)."""
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    # Read by ensure_ray, which starts Ray with this level: `import ray` resets the "ray"
+    # logger, so setting it here alone would not hide the token-authentication notice.
+    os.environ.setdefault("DRN_LABEL_RAY_LOG_LEVEL", "ERROR")
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -59,7 +59,7 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--follow", is_flag=True, help="Stream the job's logs until it ends (implies --wait).")
 @click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
               help="An environment variable for the job on the cluster (repeatable).")
-def submit(input_, output, job_file, wait, follow, env_pairs, **options) -> None:
+def submit(input_, output, job, wait, follow, env_pairs, **options) -> None:
     """Run a labelling job on a Ray cluster (the Ray Jobs API); print its submission id.
 
     Takes what `run` takes: a --job spec and/or INPUT OUTPUT and flags. INPUT, OUTPUT and
@@ -72,7 +72,7 @@ def submit(input_, output, job_file, wait, follow, env_pairs, **options) -> None
     run) or 1.
     """
     env = _parse_env(env_pairs)
-    spec = spec_from_cli(input_, output, job_file, **options)
+    spec = spec_from_cli(input_, output, job, **options)
     client, url = connect(spec.address)
     job_id = submit_spec(client, url, spec, env=env)
     click.echo(job_id)

@@ -37,6 +37,19 @@ def parse_numbers(ctx: click.Context, param: click.Parameter, value: str | None)
     return numbers
 
 
+def parse_with(parse: Callable[[Any], Any]) -> Callable:
+    """A click callback over a JobSpec field's `parse`: its ValueError becomes a usage error
+    (exit 2) that names the option."""
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return callback
+
+
 def _click_type(f: dataclasses.Field, annotation: Any):
     meta = f.metadata
     if meta.get("choices"):
@@ -62,6 +75,9 @@ def _spec_option(f: dataclasses.Field, annotation: Any) -> Callable:
     base = specmod.toml_types_of(annotation)
     if bool in base:
         return click.option(name, is_flag=True, default=None, help=help_text)
+    if f.metadata.get("parse"):
+        return click.option(name, default=None, callback=parse_with(f.metadata["parse"]),
+                            metavar=f.metadata.get("metavar"), help=help_text, show_default=False)
     if list in base:
         return click.option(name, default=None, callback=parse_numbers, help=help_text)
     kwargs: dict[str, Any] = {"default": None, "help": help_text, "show_default": False}
@@ -78,7 +94,7 @@ def _spec_option(f: dataclasses.Field, annotation: Any) -> Callable:
 def run_options(f: Callable) -> Callable:
     """`--job` plus one option per JobSpec key (the options `run` and `submit` share)."""
     hints = typing.get_type_hints(specmod.JobSpec)
-    opts = [click.option("--job", "job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    opts = [click.option("--job", "job", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                          help="TOML job spec (jobs/*.toml); flags override its keys.")]
     opts += [_spec_option(field, hints[field.name]) for field in specmod.cli_fields()]
     for opt in reversed(opts):
@@ -86,10 +102,10 @@ def run_options(f: Callable) -> Callable:
     return f
 
 
-def spec_from_cli(input_: str | None, output: str | None, job_file: Path | None,
+def spec_from_cli(input_: str | None, output: str | None, job: Path | None,
                   **options: Any) -> specmod.JobSpec:
     """JobSpec from a --job file and flags (a flag left out keeps the file's value)."""
-    base = specmod.load_spec(job_file) if job_file else specmod.JobSpec()
+    base = specmod.load_spec(job) if job else specmod.JobSpec()
     overrides = {f.name: options.get(f.name) for f in specmod.cli_fields()}
     overrides = {k: (None if v is False else v) for k, v in overrides.items()}  # absent flags
     overrides["input"], overrides["output"] = input_, output

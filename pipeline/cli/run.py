@@ -30,7 +30,7 @@ def models() -> None:
 @click.argument("input_", metavar="INPUT", required=False)
 @click.argument("output", required=False)
 @run_options
-def run(input_, output, job_file, **options) -> None:
+def run(input_, output, job, **options) -> None:
     """Label every image in INPUT; write masks and class scores to OUTPUT (Parquet).
 
     INPUT is a directory (recursive), a glob, or a manifest (.txt, .csv, .parquet);
@@ -39,7 +39,7 @@ def run(input_, output, job_file, **options) -> None:
     """
     from pipeline.job.run import run_job
 
-    spec = spec_from_cli(input_, output, job_file, **options)
+    spec = spec_from_cli(input_, output, job, **options)
     _stop_on_sigterm()
     result = run_job(spec, echo=lambda m: click.echo(m, err=True))
     click.echo(result.summary())

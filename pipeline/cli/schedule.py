@@ -7,16 +7,19 @@ from pathlib import Path
 import click
 
 from pipeline import spec as specmod
+from pipeline.cli.options import parse_with
 from pipeline.cluster.manifests import (DEFAULT_DEADLINE_S, DEFAULT_TTL_S, KINDS, RenderOptions,
                                         local_path_warning, render)
 
 
 @click.command()
-@click.option("--job", "job_file", required=True,
+@click.option("--job", "job", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML job spec; its [schedule] table gives the defaults of the flags below.")
-@click.option("--cron", default=None, help='Cron schedule, e.g. "0 2 * * *" (raycronjob, cronjob).')
-@click.option("--time-zone", default=None, help="IANA time zone of the schedule [default: UTC].")
+@click.option("--cron", default=None, callback=parse_with(specmod.ScheduleSpec.parse_cron),
+              help='Cron schedule, five fields, e.g. "0 2 * * *" (raycronjob, cronjob).')
+@click.option("--time-zone", default=None, callback=parse_with(specmod.ScheduleSpec.parse_time_zone),
+              help="IANA time zone of the schedule, e.g. Europe/Berlin [default: UTC].")
 @click.option("--image", default=None, help="Container image with drn-label installed (deploy/Dockerfile).")
 @click.option("--kind", type=click.Choice(KINDS), default=None,
               help="What to render [default: the spec's schedule.kind, else raycronjob].")
@@ -35,14 +38,14 @@ from pipeline.cluster.manifests import (DEFAULT_DEADLINE_S, DEFAULT_TTL_S, KINDS
               help="Seconds a finished run is kept (ttlSecondsAfterFinished).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               default=None, help="Write the YAML here [default: stdout].")
-def schedule(job_file: Path, cron, time_zone, image, kind, namespace, name, address, gpus_per_node,
+def schedule(job: Path, cron, time_zone, image, kind, namespace, name, address, gpus_per_node,
              node_cpus, deadline_s, ttl_s, out: Path | None) -> None:
     """Render the manifests that run a job spec on Kubernetes (or a `ray up` config).
 
     \b
       drn-label schedule --job jobs/nightly-s3.toml --cron "0 2 * * *" | kubectl apply -f -
     """
-    spec = specmod.load_spec(job_file)
+    spec = specmod.load_spec(job)
     overrides = {"schedule_cron": cron, "schedule_time_zone": time_zone, "schedule_image": image,
                  "schedule_namespace": namespace, "schedule_name": name, "schedule_address": address}
     if kind in specmod.SCHEDULE_KINDS:

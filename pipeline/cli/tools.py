@@ -26,27 +26,33 @@ def report(output: str, html_path: Path, limit: int, model: str | None, weights_
 
 @click.command("export")
 @click.argument("output")
-@click.option("--format", "fmt", type=click.Choice(("png", "coco", "label-studio")), required=True,
-              help="png: a folder of mask PNGs; coco: one COCO JSON (RLE); label-studio: tasks JSON.")
+@click.option("--format", "fmt", type=click.Choice(("png", "coco", "yolo", "cvat", "label-studio")),
+              required=True,
+              help="png: a folder of mask PNGs; coco: one COCO JSON (RLE, or --polygons); yolo: "
+                   "YOLO segmentation labels; cvat: a CVAT 'Segmentation mask 1.1' zip; "
+                   "label-studio: tasks JSON.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="The folder (png) or JSON file (coco, label-studio) to write.")
+              help="The folder (png, yolo), JSON file (coco, label-studio) or zip (cvat) to write.")
 @click.option("--colour", "--color", "colour", is_flag=True,
               help="png: RGB masks in the palette instead of class ids.")
+@click.option("--polygons", is_flag=True, help="coco: polygon segmentations instead of RLE.")
 @identity_options
 @click.option("--from-name", default="tag", help="label-studio: the BrushLabels tag name.")
 @click.option("--to-name", default="image", help="label-studio: the Image tag name.")
 @click.option("--url-prefix", default=None,
               help="label-studio: data.image = this prefix + image id [default: the row's uri].")
-def export(output: str, fmt: str, out: Path, colour: bool, model: str | None,
+def export(output: str, fmt: str, out: Path, colour: bool, polygons: bool, model: str | None,
            weights_sha256: str | None, from_name: str, to_name: str, url_prefix: str | None) -> None:
-    """Export OUTPUT's masks for labelling tools: PNG folder, COCO JSON, or Label Studio tasks.
+    """Export OUTPUT's masks for labelling tools: PNG folder, COCO JSON, YOLO labels, CVAT zip,
+    or Label Studio tasks.
 
     Only rows with status ok are exported; reading is streamed, so any size of OUTPUT works.
     """
     from pipeline.tools import export as engine
 
     result = engine.export(output, fmt, out, colour=colour, model=model, weights_sha256=weights_sha256,
-                           from_name=from_name, to_name=to_name, url_prefix=url_prefix)
+                           from_name=from_name, to_name=to_name, url_prefix=url_prefix,
+                           polygons=polygons)
     click.echo(result.summary())
     if fmt == "label-studio":
         click.echo(f"labelling config: {engine.config_path(out)}")
@@ -85,3 +91,29 @@ def demo(root: Path, count: int) -> None:
     from pipeline.tools.demo import run_demo
 
     run_demo(root, count, echo=click.echo, echo_err=lambda m: click.echo(m, err=True))
+
+
+@click.command("push")
+@click.argument("output")
+@click.option("--url", required=True, help="Label Studio's address, e.g. http://localhost:8080.")
+@click.option("--project", type=click.IntRange(min=1), required=True, help="The project's id.")
+@click.option("--token", envvar="LABEL_STUDIO_API_KEY", required=True, show_envvar=True,
+              help="API token (Account & Settings > Access Token); best set in the environment.")
+@identity_options
+@click.option("--from-name", default="tag", help="The BrushLabels tag name of the project's config.")
+@click.option("--to-name", default="image", help="The Image tag name of the project's config.")
+@click.option("--url-prefix", default=None,
+              help="Match tasks whose data.image = this prefix + image id [default: the row's uri].")
+def push(output: str, url: str, project: int, token: str, model: str | None,
+         weights_sha256: str | None, from_name: str, to_name: str, url_prefix: str | None) -> None:
+    """Push OUTPUT's masks into a running Label Studio project as predictions.
+
+    Each image's prediction goes to the project's task whose data.image is the image's
+    uri (or --url-prefix + image id); images without a task become new tasks.
+    """
+    from pipeline.tools.labelstudio import push_label_studio
+
+    result = push_label_studio(output, url, project, token, model=model,
+                               weights_sha256=weights_sha256, from_name=from_name,
+                               to_name=to_name, url_prefix=url_prefix)
+    click.echo(result.summary())

@@ -106,8 +106,9 @@ def cluster_shape(spec: specmod.JobSpec, *, gpus_per_node: int = 1,
         cpus = node_cpus or 8
         per_node = max(1, int((cpus - decode_room) // spec.cpus_per_worker))
         gpus = 0
-    per_node = min(per_node, spec.workers)
-    return ClusterShape(nodes=math.ceil(spec.workers / per_node), cpus=cpus,
+    workers = spec.worker_range()[1]  # room for the most actors the pool may grow to
+    per_node = min(per_node, workers)
+    return ClusterShape(nodes=math.ceil(workers / per_node), cpus=cpus,
                         memory_gib=4 * cpus, gpus=gpus, actors_per_node=per_node)
 
 

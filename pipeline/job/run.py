@@ -61,7 +61,7 @@ class RunResult:
     def summary(self) -> str:
         return (f"{self.state}: {self.ok} ok, {self.errors} errors, {self.skipped} already labelled "
                 f"(of {self.inputs} inputs) in {self.wall_s:.1f}s "
-                f"({self.images_per_s:.2f} images/s labelling); output: {self.output}")
+                f"({self.images_per_s:.1f} img/s); output: {self.output}")
 
 
 def new_run_id() -> str:
@@ -87,8 +87,11 @@ def describe_model(spec: JobSpec):
     """Build the model once on the driver: bad weights or classes fail here, before any image."""
     import drn
 
+    from pipeline.store.weights import local_weights
+
+    weights = local_weights(spec.weights)  # s3://, gs://, hf:// -> a cached local file
     try:
-        model = drn.create_model(spec.model, weights=spec.weights, classes=spec.classes,
+        model = drn.create_model(spec.model, weights=weights, classes=spec.classes,
                                  num_classes=spec.num_classes, task="segment")
     except Exception as exc:
         # The library speaks Python; the CLI user needs the option to change.
@@ -113,17 +116,23 @@ def ensure_ray(address: str | None) -> bool:
     # Never credentials: Ray writes a runtime_env to its logs. Workers of an embedded Ray
     # inherit this process's environment (AWS_* included); a cluster's workers take theirs
     # from the cluster (service account, secret mounts: docs/clusters.md).
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith("DRN_LABEL_")}
+    # Emulator and mirror endpoints are addresses, not secrets; they reach a cluster's workers.
+    env_vars = {k: v for k, v in os.environ.items()
+                if k.startswith("DRN_LABEL_") or k in ("STORAGE_EMULATOR_HOST", "HF_ENDPOINT")}
     # Predict actors share the CPUs with decode and write tasks: idle OpenMP threads must
     # sleep, not spin (spinning threads slowed CPU inference many times over under load).
     env_vars.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     runtime_env = {"env_vars": env_vars}
+    # The CLI asks for ERROR unless -v (DRN_LABEL_RAY_LOG_LEVEL): at WARNING, ray.init prints
+    # its start-up notices (token authentication) on every run.
+    level = logging.getLevelName(os.environ.get("DRN_LABEL_RAY_LOG_LEVEL", "WARNING").upper())
+    level = level if isinstance(level, int) else logging.WARNING
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
-                 logging_level=logging.WARNING)
+                 logging_level=level)
     else:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 runtime_env=runtime_env, logging_level=logging.WARNING)
+                 runtime_env=runtime_env, logging_level=level)
     return True
 
 
@@ -136,13 +145,23 @@ def default_torch_threads(spec: JobSpec) -> int | None:
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, cpus // spec.workers)
+    return max(1, cpus // spec.worker_range()[1])  # the most actors that may share them
+
+
+def actor_pool(spec: JobSpec):
+    """A fixed pool of N predict actors, or one that Ray Data grows from MIN to MAX actors
+    while batches queue for them (``--workers MIN-MAX``) and shrinks when they idle."""
+    from ray.data import ActorPoolStrategy
+
+    low, high = spec.worker_range()
+    if low == high:
+        return ActorPoolStrategy(size=low)
+    return ActorPoolStrategy(min_size=low, max_size=high)
 
 
 def build_dataset(spec: JobSpec, todo: pa.Table, meta: OutputMetadata, run_id: str,
                   progress=None):
     import ray
-    from ray.data import ActorPoolStrategy
 
     from pipeline.job.stages import PredictActor, decode_batch, encode_batch
 
@@ -164,7 +183,7 @@ def build_dataset(spec: JobSpec, todo: pa.Table, meta: OutputMetadata, run_id: s
                            tta_scales=spec.tta_scales if spec.tta else None,
                            tta_flip=spec.tta and spec.tta_flip)
     ds = ds.map_batches(PredictActor, batch_format="pyarrow", batch_size=spec.batch_size,
-                        compute=ActorPoolStrategy(size=spec.workers),
+                        compute=actor_pool(spec),
                         fn_constructor_args=(model_spec, progress), num_cpus=spec.cpus_per_worker,
                         num_gpus=spec.gpus_per_worker or None)
     identity = RowIdentity(model=meta.model, weights_sha256=meta.weights_sha256, run_id=run_id,
@@ -302,6 +321,9 @@ def _run_leased(ctx: RunContext) -> RunResult:
             if state != "finished":  # the sink never reported back: count what was committed
                 result.ok, result.errors = final.committed_ok, final.committed_errors
                 result.files_committed = final.committed_files
+            # One images/s figure: the progress line's (since the first labelled image),
+            # so the summary and the last line of the bar agree.
+            result.images_per_s = final.images_per_s
             try:
                 ray.kill(counter)
             except Exception:  # noqa: BLE001
@@ -311,7 +333,6 @@ def _run_leased(ctx: RunContext) -> RunResult:
             save(progress)
         result.state = state
         result.wall_s = time.time() - t_start
-        result.images_per_s = (result.ok + result.errors) / result.label_s if result.label_s else 0.0
         write_bytes_atomic(output, f"{RUNS_DIR}/{run_id}.json",
                            json.dumps(_record(spec, meta, result, t_start), indent=2).encode())
     labelled = result.ok + result.errors

@@ -43,19 +43,24 @@ def decode_batch(batch: pa.Table, *, max_side: int, retries: int,
                  max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
     """Read and decode each row's image; errors (from listing, reading or decoding) become rows."""
     from pipeline.store.decode import decode_image, fit_max_side
-    from pipeline.store.sources import read_bytes
+    from pipeline.store.sources import read_all
 
     out: dict[str, list] = {name: [] for name in DECODED.names}
     listed_errors = (batch.column("error").to_pylist() if "error" in batch.column_names
                      else [None] * batch.num_rows)
-    for image_id, uri, listed_error in zip(batch.column("image_id").to_pylist(),
-                                           batch.column("uri").to_pylist(), listed_errors):
+    uris = batch.column("uri").to_pylist()
+    # One call for the batch: URLs are fetched concurrently, embedded rows read together.
+    contents = read_all([None if e else u for u, e in zip(uris, listed_errors)],
+                        retries=retries, max_bytes=max_bytes)
+    for image_id, uri, listed_error, data in zip(batch.column("image_id").to_pylist(), uris,
+                                                 listed_errors, contents):
         row = {"image_id": image_id, "uri": uri, "status": "ok", "error": None, "height": None,
                "width": None, "in_height": None, "in_width": None, "pixels": None}
         try:
             if listed_error:
                 raise ValueError(f"{uri}: {listed_error}")
-            data = read_bytes(uri, retries=retries, max_bytes=max_bytes)
+            if isinstance(data, Exception):
+                raise data
             rgb = decode_image(data, uri, max_pixels=max_pixels)
             del data
             row["height"], row["width"] = int(rgb.shape[0]), int(rgb.shape[1])
@@ -89,7 +94,9 @@ class ModelSpec:
     def build(self):
         import drn
 
-        return drn.create_model(self.model, weights=self.weights, classes=self.classes,
+        from pipeline.store.weights import local_weights
+
+        return drn.create_model(self.model, weights=local_weights(self.weights), classes=self.classes,
                                 num_classes=self.num_classes, task="segment")
 
 

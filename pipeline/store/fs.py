@@ -1,9 +1,10 @@
 """Where OUTPUT and inputs live: URIs resolved to pyarrow filesystems, and atomic writes.
 
-``resolve(uri)`` gives the filesystem and path of a local path, ``file://`` URL or
-``s3://bucket/key``. ``write_table_atomic`` and ``write_bytes_atomic`` are the one way
-the project writes a file into OUTPUT: readers see all of it or nothing (local: a
-temporary file renamed into place; S3: one PutObject).
+``resolve(uri)`` gives the filesystem and path of a local path, ``file://`` URL,
+``s3://bucket/key`` or ``gs://bucket/key``. ``write_table_atomic`` and
+``write_bytes_atomic`` are the one way the project writes a file into OUTPUT: readers see
+all of it or nothing (local: a temporary file renamed into place; S3: one PutObject; GCS:
+one upload, which the store makes visible only when it is complete).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 from drn.io import atomic_write
 
 SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+OBJECT_STORES = ("s3", "gs")
 
 
 # -- resolving URIs ------------------------------------------------------------------------
@@ -31,11 +33,12 @@ def split_uri(uri: str) -> tuple[str, str]:
     Trailing slashes are dropped."""
     match = SCHEME_RE.match(uri)
     scheme = match.group(1).lower() if match else ""
-    if scheme == "s3":
+    if scheme in OBJECT_STORES:
         path = uri[match.end():].strip("/")
         if not path:
-            raise ValueError(f"{uri}: an s3:// URI needs a bucket name (s3://bucket/key)")
-        return "s3", path
+            raise ValueError(f"{uri}: an {scheme}:// URI needs a bucket name "
+                             f"({scheme}://bucket/key)")
+        return scheme, path
     if scheme == "file":
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
@@ -43,7 +46,7 @@ def split_uri(uri: str) -> tuple[str, str]:
         return "local", _local_path(unquote(parts.path))
     if scheme:
         raise ValueError(f"{uri}: unsupported scheme '{scheme}://' "
-                         "(use a local path, file:// or s3://)")
+                         "(use a local path, file://, s3:// or gs://)")
     return "local", _local_path(uri)
 
 
@@ -52,8 +55,8 @@ def _local_path(path: str) -> str:
 
 
 def to_uri(scheme: str, path: str) -> str:
-    """The inverse of resolution: a local path stays a path; s3 gets its scheme back."""
-    return f"s3://{path}" if scheme == "s3" else path
+    """The inverse of resolution: a local path stays a path; s3 and gs get their scheme back."""
+    return f"{scheme}://{path}" if scheme in OBJECT_STORES else path
 
 
 def _s3_filesystem() -> pafs.FileSystem:
@@ -87,6 +90,48 @@ def _s3_filesystem() -> pafs.FileSystem:
         return fs
 
 
+def _gcs_filesystem() -> pafs.FileSystem:
+    """pyarrow's GCS filesystem. STORAGE_EMULATOR_HOST (the variable Google's own clients
+    honour, e.g. ``http://127.0.0.1:9023``) points it at an emulator without credentials;
+    otherwise Google's default credentials (GOOGLE_APPLICATION_CREDENTIALS, the metadata
+    server, gcloud's login) are used."""
+    from datetime import timedelta
+
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    key = ("gs", emulator)
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+        if fs is None:
+            # pyarrow's own retries stay short: read_bytes retries transient failures itself,
+            # and a missing credential must not cost minutes per image.
+            kwargs: dict = {"retry_time_limit": timedelta(seconds=10)}
+            if emulator:
+                parts = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+                kwargs.update(anonymous=True, endpoint_override=parts.netloc, scheme=parts.scheme)
+            fs = _FS_CACHE[key] = pafs.GcsFileSystem(**kwargs)
+        return fs
+
+
+def open_range(fs: pafs.FileSystem, path: str, offset: int, size: int) -> bytes:
+    """`size` bytes of `path` from `offset` (a ranged read). pyarrow's GCS random-access
+    files stall against the storage emulator, so on GCS the object is streamed up to the
+    end of the range instead (correct everywhere, slower for far offsets)."""
+    if fs.type_name == "gcs":
+        with fs.open_input_stream(path) as f:
+            return f.read(offset + size)[offset:]
+    with fs.open_input_file(path) as f:
+        return f.read_at(size, offset)
+
+
+def open_random_access(fs: pafs.FileSystem, path: str):
+    """A seekable file for `path` (tar headers, Parquet footers); on GCS the object is read
+    into memory first (see `open_range`)."""
+    if fs.type_name == "gcs":
+        with fs.open_input_stream(path) as f:
+            return pa.BufferReader(f.read())
+    return fs.open_input_file(path)
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem that holds `uri` and the path on it (no trailing slash).
 
@@ -98,6 +143,8 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     scheme, path = split_uri(uri)
     if scheme == "s3":
         return _s3_filesystem(), path
+    if scheme == "gs":
+        return _gcs_filesystem(), path
     return pafs.LocalFileSystem(), path
 
 

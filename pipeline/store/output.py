@@ -120,8 +120,34 @@ class OutputMetadata:
         )
 
 
+HF_METADATA_KEY = b"huggingface"
+
+
+def hf_features(schema: pa.Schema) -> dict[str, Any]:
+    """Hugging Face ``datasets`` features of `schema`, the mask as an ``Image``.
+
+    Written as the ``huggingface`` schema metadata so that ``load_dataset("parquet",
+    data_dir="OUTPUT/data")`` yields the mask as a PIL image with no ``cast_column``.
+    Lists are written as ``Sequence``, which datasets 2.x to 5.x all parse (``List`` only
+    from 4.0). Derived from the schema so that added columns are covered too.
+    """
+    def feature(arrow_type: pa.DataType) -> dict[str, Any]:
+        if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+            return {"feature": feature(arrow_type.value_type), "_type": "Sequence"}
+        if pa.types.is_timestamp(arrow_type):
+            tz = f", tz={arrow_type.tz}" if arrow_type.tz else ""
+            return {"dtype": f"timestamp[{arrow_type.unit}{tz}]", "_type": "Value"}
+        return {"dtype": str(arrow_type), "_type": "Value"}
+
+    return {f.name: {"_type": "Image"} if f.name == "mask" else feature(f.type) for f in schema}
+
+
 def schema_with_metadata(meta: OutputMetadata) -> pa.Schema:
-    return SCHEMA.with_metadata({METADATA_KEY: meta.to_json().encode()})
+    """The schema every data file is written with: the ``drn_label`` metadata (classes,
+    palette, model identity) and the ``huggingface`` features (the mask as an Image)."""
+    hf = json.dumps({"info": {"features": hf_features(SCHEMA)}})
+    return SCHEMA.with_metadata({METADATA_KEY: meta.to_json().encode(),
+                                 HF_METADATA_KEY: hf.encode()})
 
 
 def encode_mask(mask: np.ndarray, compression: int = 4) -> bytes:

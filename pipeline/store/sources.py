@@ -1,7 +1,7 @@
 """Where images come from: resolve URIs to pyarrow filesystems, list inputs, read bytes.
 
 INPUT is one of
-- a directory (local or ``s3://bucket/prefix``), listed recursively; image_id is the
+- a directory (local, ``s3://bucket/prefix`` or ``gs://bucket/prefix``), listed recursively; image_id is the
   path relative to it with forward slashes;
 - a glob (``photos/**/*.jpg``, ``s3://bucket/raw/*/cam?.png``): ``*``, ``?`` and
   ``[...]`` stay within one folder, ``**`` spans any number of folders, matching is
@@ -11,7 +11,20 @@ INPUT is one of
   image_id is the URI as written) or ``.csv`` / ``.parquet`` with a ``uri`` column and
   an optional ``image_id`` column (the URI as written where absent); relative URIs
   resolve against the manifest's folder;
-- a single image file (image_id: its file name).
+- a single image file (image_id: its file name);
+- http(s) URLs in a manifest (web-scale URL tables): image_id as for any manifest row (the
+  URL as written, or the ``image_id`` column). They are fetched with a timeout, at most
+  ``DRN_LABEL_HTTP_PER_HOST`` (default 8) requests in flight per host per worker, retries
+  with backoff on 429, 408 and 5xx (honouring Retry-After), and an error row naming the
+  status for any other answer;
+- a Parquet file whose image column holds the bytes (the Hugging Face ``datasets``
+  ``Image`` struct ``{bytes, path}``; no ``uri`` column): image_id is the ``image_id``
+  column, else the struct's ``path`` when every row has one, else ``<file name>#<row>``;
+  the row's uri is ``<file>#row=<row index>``;
+- WebDataset shards: a ``.tar`` file, or a glob of them (``shards/*.tar``), one image
+  member per key (the member name up to the first dot of its base name); image_id is the
+  key (``<shard path relative to the glob's folder>/<key>`` for a glob of shards); the
+  row's uri is ``<shard>#<member>@<offset>+<size>`` (a ranged read, no unpacking).
 Files and folders whose names start with "." are skipped by directory and glob listings.
 
 Listing is one recursive ``get_file_info(FileSelector)`` call plus vectorised Arrow
@@ -25,19 +38,24 @@ import posixpath
 import random
 import re
 import stat
+import tarfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline.errors import DrnLabelError
-from pipeline.store.fs import SCHEME_RE, is_local, resolve, split_uri, to_uri
+from pipeline.store.fs import (SCHEME_RE, is_local, open_random_access, open_range, resolve,
+                               split_uri, to_uri)
 
 __all__ = [
     "IMAGE_EXTENSIONS", "INPUT_SCHEMA", "InputError", "ReadError", "is_transient",
-    "list_inputs", "read_bytes", "resolve", "to_uri",
+    "list_inputs", "read_all", "read_bytes", "resolve", "to_uri",
 ]
 
 IMAGE_EXTENSIONS = ("bmp", "jpeg", "jpg", "png", "tif", "tiff", "webp")
@@ -98,6 +116,10 @@ def list_inputs(input: str) -> pa.Table:  # noqa: A002 - the CLI's name for it
             "(e.g. 'photos/**/*.jpg') or a manifest (.txt, .csv, .parquet)")
     elif info.type == pafs.FileType.Directory:
         table = _list_directory(input, fs, scheme, path)
+    elif path.lower().endswith(".tar"):
+        table = _list_shards(input, fs, scheme, [path], posixpath.dirname(path))
+    elif path.lower().endswith(".parquet") and _embedded_column(fs, path) is not None:
+        table = _list_embedded(input, fs, scheme, path)
     elif path.lower().endswith(MANIFEST_EXTENSIONS):
         table = _read_manifest(input, fs, scheme, path)
     elif re.search(_IMAGE_RE, path):
@@ -236,7 +258,7 @@ def _listed_file(root: bytes, rel: bytes, error: str | None) -> tuple[str, str, 
 
 def _table(scheme: str, listed: pa.Table) -> pa.Table:
     paths = listed["path"]
-    uris = paths if scheme != "s3" else pc.binary_join_element_wise("s3://", paths, "")
+    uris = paths if scheme == "local" else pc.binary_join_element_wise(f"{scheme}://", paths, "")
     return pa.table({"image_id": listed["rel"], "uri": uris, "error": listed["error"]},
                     schema=INPUT_SCHEMA)
 
@@ -288,7 +310,7 @@ def glob_to_regex(pattern: str) -> str:
 def _list_glob(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Table:
     parts = path.split("/")
     first = next(k for k, part in enumerate(parts) if _GLOB_CHARS.search(part))
-    if scheme == "s3" and first == 0:
+    if scheme != "local" and first == 0:
         raise InputError(f"input {input}: the bucket name cannot hold a wildcard")
     base = "/".join(parts[:first]) or "/"
     pattern = "/".join(parts[first:])
@@ -300,7 +322,10 @@ def _list_glob(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Ta
     if not pc.any(matches).as_py():
         raise InputError(f"input {input}: the glob matched no files; check the pattern "
                          "(matching is case-sensitive; '**' spans folders)")
-    return _table(scheme, listed.filter(matches))
+    matched = listed.filter(matches)
+    if pc.all(pc.match_substring_regex(matched["path"], r"(?i)\.tar$")).as_py():  # WebDataset shards
+        return _list_shards(input, fs, scheme, matched["path"].to_pylist(), base)
+    return _table(scheme, matched)
 
 
 def _read_manifest(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Table:
@@ -382,13 +407,13 @@ def _resolve_relative(written: pa.Array, scheme: str, folder: str) -> tuple[pa.A
         paths, problems = [], []
         for p, d, w in zip(joined.to_pylist(), dotted.to_pylist(), written.to_pylist()):
             normal = posixpath.normpath(p) if d else p
-            outside = scheme == "s3" and d and normal.split("/", 1)[0] != bucket
+            outside = scheme != "local" and d and normal.split("/", 1)[0] != bucket
             paths.append(normal)
             problems.append(f"relative URI {w} leaves the manifest's bucket {bucket}; write the "
-                            "full s3:// URI to read from another bucket" if outside else None)
+                            f"full {scheme}:// URI to read from another bucket" if outside else None)
         joined, errors = pa.array(paths, pa.string()), pa.array(problems, pa.string())
-    if scheme == "s3":
-        joined = pc.binary_join_element_wise("s3://", joined, "")
+    if scheme != "local":
+        joined = pc.binary_join_element_wise(f"{scheme}://", joined, "")
     return pc.if_else(absolute, written, joined), errors
 
 
@@ -513,6 +538,11 @@ def read_bytes(uri: str, *, retries: int = 3, backoff: float = 0.2,
     Object-store reads are bounded in time by the filesystem's own request timeouts
     (pipeline.store.fs).
     """
+    if filesystem is None and (is_http(uri) or _ROW_RE.match(uri) or _MEMBER_RE.match(uri)):
+        result = read_all([uri], retries=retries, max_bytes=max_bytes)[0]  # URLs, rows, members
+        if isinstance(result, ReadError):
+            raise result
+        return result
     attempts = 0
     while True:
         attempts += 1
@@ -538,3 +568,287 @@ def read_bytes(uri: str, *, retries: int = 3, backoff: float = 0.2,
                 raise ReadError(uri, _reason(exc), attempts, transient) from exc
         delay = backoff * (2 ** (attempts - 1)) * random.uniform(0.5, 1.5)
         time.sleep(min(delay, 30.0))
+
+
+# -- embedded bytes: Parquet image columns ---------------------------------------------------
+_ROW_RE = re.compile(r"^(?P<file>.+\.parquet)#row=(?P<row>\d+)$", re.IGNORECASE)
+_MEMBER_RE = re.compile(r"^(?P<file>.+\.tar)#(?P<member>.+)@(?P<offset>\d+)\+(?P<size>\d+)$",
+                        re.IGNORECASE)
+
+
+def _is_image_struct(arrow_type: pa.DataType) -> bool:
+    """The Hugging Face ``datasets`` Image layout: struct<bytes: binary, path: string>."""
+    if not pa.types.is_struct(arrow_type):
+        return False
+    names = {arrow_type.field(i).name: arrow_type.field(i).type for i in range(arrow_type.num_fields)}
+    return "bytes" in names and (pa.types.is_binary(names["bytes"])
+                                 or pa.types.is_large_binary(names["bytes"]))
+
+
+def _embedded_column(fs: pafs.FileSystem, path: str) -> str | None:
+    """The image column of a Parquet file that holds image bytes and no ``uri`` column:
+    ``image`` if it has the Image layout, else the first column that does."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError):
+        return None
+    if "uri" in schema.names:
+        return None
+    candidates = [f.name for f in schema if _is_image_struct(f.type)]
+    return "image" if "image" in candidates else (candidates[0] if candidates else None)
+
+
+def _list_embedded(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    column = _embedded_column(fs, path)
+    names = pq.read_schema(path, filesystem=fs).names
+    # Only the small columns: the image paths (a nested field) and the ids, never the bytes.
+    table = pq.read_table(path, filesystem=fs,
+                          columns=[f"{column}.path"] + (["image_id"] if "image_id" in names else []))
+    n = table.num_rows
+    if n == 0:
+        raise InputError(f"input {input}: the Parquet file has no rows")
+    rows = pa.array(range(n), pa.int64())
+    uris = pc.binary_join_element_wise(to_uri(scheme, path) + "#row=", pc.cast(rows, pa.string()), "")
+    fallback = pc.binary_join_element_wise(posixpath.basename(path) + "#", pc.cast(rows, pa.string()), "")
+    paths = table.column(0).combine_chunks()
+    paths = paths.field("path") if pa.types.is_struct(paths.type) else paths
+    if "image_id" in names:
+        image_ids = _as_string(table.column("image_id"))
+    elif pc.all(pc.is_valid(paths)).as_py():
+        image_ids = _as_string(paths)
+    else:
+        image_ids = fallback
+    image_ids = pc.if_else(pc.fill_null(pc.equal(image_ids, ""), True), fallback, image_ids)
+    return pa.table({"image_id": image_ids, "uri": uris, "error": pa.nulls(n, pa.string())},
+                    schema=INPUT_SCHEMA)
+
+
+def _read_rows(file_uri: str, rows: list[int]) -> dict[int, bytes | ReadError]:
+    """The image bytes of `rows` of an embedded-bytes Parquet file (a ReadError for an
+    empty cell), reading only the row groups that hold them and only the image column."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(file_uri)
+    with open_random_access(fs, path) as f:
+        pf = pq.ParquetFile(f)
+        column = _embedded_column(fs, path)
+        if column is None:
+            raise ValueError(f"{file_uri}: has no image column (struct of bytes and path)")
+        starts, total = [], 0
+        for g in range(pf.metadata.num_row_groups):
+            starts.append(total)
+            total += pf.metadata.row_group(g).num_rows
+        out: dict[int, bytes | ReadError] = {}
+        by_group: dict[int, list[int]] = {}
+        for row in rows:
+            if row >= total:
+                raise ValueError(f"{file_uri}: has {total} rows, no row {row}")
+            group = max(g for g, start in enumerate(starts) if start <= row)
+            by_group.setdefault(group, []).append(row)
+        for group, wanted in by_group.items():
+            cells = pf.read_row_group(group, columns=[column]).column(0)
+            for row in wanted:
+                cell = cells[row - starts[group]].as_py()
+                data = cell.get("bytes") if cell else None
+                out[row] = data if data is not None else ReadError(
+                    f"{file_uri}#row={row}", "the image cell holds no bytes", 1, False)
+        return out
+
+
+# -- WebDataset shards -----------------------------------------------------------------------
+def _list_shards(input: str, fs: pafs.FileSystem, scheme: str, shards: list[str],
+                 base: str) -> pa.Table:
+    """One row per key of each shard: its one image member, located by offset and size."""
+    image_ids, uris = [], []
+    prefix = base.rstrip("/") + "/"
+    for shard in sorted(shards):
+        shard_uri = to_uri(scheme, shard)
+        name = shard[len(prefix):] if shard.startswith(prefix) else posixpath.basename(shard)
+        keys: dict[str, tuple[str, int, int]] = {}
+        try:
+            with open_random_access(fs, shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, base_name = posixpath.split(member.name)
+                    stem, dot, ext = base_name.partition(".")
+                    if not dot or not re.search(_IMAGE_RE, "." + ext.rsplit(".", 1)[-1]):
+                        continue  # .json, .cls, .txt, ...: not the image
+                    key = posixpath.join(folder, stem)
+                    if key in keys:
+                        raise InputError(
+                            f"input {input}: shard {shard_uri} holds two images for key {key!r} "
+                            f"({keys[key][0]}, {member.name}); WebDataset shards need one image "
+                            "member per key")
+                    keys[key] = (member.name, member.offset_data, member.size)
+        except tarfile.TarError as exc:
+            raise InputError(f"input {input}: shard {shard_uri} is not a readable tar file "
+                             f"({exc})") from None
+        for key, (member, offset, size) in keys.items():
+            image_ids.append(key if len(shards) == 1 else f"{name}/{key}")
+            uris.append(f"{shard_uri}#{member}@{offset}+{size}")
+    if not image_ids:
+        raise InputError(f"input {input}: no image members in the shard(s); WebDataset "
+                         f"shards hold <key>.<ext> members with ext one of "
+                         f"{', '.join(IMAGE_EXTENSIONS)}")
+    return pa.table({"image_id": image_ids, "uri": uris,
+                     "error": pa.nulls(len(uris), pa.string())}, schema=INPUT_SCHEMA)
+
+
+def _read_member(uri: str, retries: int, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    match = _MEMBER_RE.match(uri)
+    offset, size = int(match["offset"]), int(match["size"])
+    if size > max_bytes:
+        raise ReadError(uri, f"larger than the byte cap of {max_bytes:,} bytes (--max-bytes)",
+                        1, False)
+    return _with_retries(uri, retries, lambda: _read_range(match["file"], offset, size))
+
+
+def _read_range(file_uri: str, offset: int, size: int) -> bytes:
+    fs, path = resolve(file_uri)
+    data = open_range(fs, path, offset, size)
+    if len(data) != size:
+        raise ValueError(f"the shard ends before the member's {size} bytes (truncated)")
+    return data
+
+
+# -- http(s) ---------------------------------------------------------------------------------
+HTTP_TIMEOUT_S = 30.0
+"""Connect and read timeout of one HTTP request (DRN_LABEL_HTTP_TIMEOUT overrides)."""
+HTTP_PER_HOST = 8
+"""Requests in flight to one host from one worker process (DRN_LABEL_HTTP_PER_HOST)."""
+HTTP_MAX_BYTES = 256 << 20
+_HOST_SLOTS: dict[str, threading.BoundedSemaphore] = {}
+_HOST_LOCK = threading.Lock()
+
+
+class HttpStatusError(OSError):
+    """An HTTP answer other than 200; `transient` for 408, 429 and 5xx."""
+
+    def __init__(self, status: int, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status} {reason}".strip())
+        self.status, self.retry_after = status, retry_after
+        self.transient = status in (408, 429) or status >= 500
+
+
+def _host_slot(uri: str) -> threading.BoundedSemaphore:
+    host = urlsplit(uri).netloc.lower()
+    with _HOST_LOCK:
+        slot = _HOST_SLOTS.get(host)
+        if slot is None:
+            limit = int(os.environ.get("DRN_LABEL_HTTP_PER_HOST", HTTP_PER_HOST))
+            slot = _HOST_SLOTS[host] = threading.BoundedSemaphore(max(1, limit))
+        return slot
+
+
+def _get(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    timeout = float(os.environ.get("DRN_LABEL_HTTP_TIMEOUT", HTTP_TIMEOUT_S))
+    cap = min(HTTP_MAX_BYTES, max_bytes)
+    request = urllib.request.Request(uri, headers={"User-Agent": "drn-label"})
+    with _host_slot(uri):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                data = response.read(cap + 1)
+        except urllib.error.HTTPError as exc:
+            retry_after = exc.headers.get("Retry-After") if exc.headers else None
+            try:
+                wait = float(retry_after) if retry_after is not None else None
+            except ValueError:
+                wait = None
+            raise HttpStatusError(exc.code, exc.reason or "", wait) from None
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            if isinstance(reason, OSError):
+                raise reason from None
+            raise ConnectionError(str(reason)) from None
+    if len(data) > cap:
+        raise TooLarge(f"larger than the byte cap of {cap:,} bytes (--max-bytes)")
+    return data
+
+
+def _with_retries(uri: str, retries: int, fetch, backoff: float = 0.2) -> bytes:
+    """`fetch()` with read_bytes' retry rule: transient failures retried with jittered
+    exponential backoff (an HTTP Retry-After is honoured, up to 30 s), then a ReadError."""
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return fetch()
+        except TooLarge as exc:
+            raise ReadError(uri, str(exc), attempts, False) from None
+        except HttpStatusError as exc:
+            if not exc.transient or attempts > retries:
+                raise ReadError(uri, str(exc), attempts, exc.transient) from None
+            delay = exc.retry_after if exc.retry_after is not None else \
+                backoff * (2 ** (attempts - 1)) * random.uniform(0.5, 1.5)
+        except (OSError, pa.ArrowException, ValueError, tarfile.TarError) as exc:
+            transient = is_transient(exc)
+            if not transient or attempts > retries:
+                raise ReadError(uri, _reason(exc), attempts, transient) from exc
+            delay = backoff * (2 ** (attempts - 1)) * random.uniform(0.5, 1.5)
+        time.sleep(min(delay, 30.0))
+
+
+def is_http(uri: str) -> bool:
+    return uri[:8].lower().startswith(("http://", "https://"))
+
+
+# -- reading a batch -------------------------------------------------------------------------
+def read_all(uris: list[str | None], *, retries: int = 3,
+             max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes | ReadError | None]:
+    """The bytes of each URI, or the ReadError that names why not, in order (None for a
+    None entry: a row that is not to be read).
+
+    http(s) URLs are fetched concurrently (at most DRN_LABEL_HTTP_PER_HOST per host);
+    rows of one embedded-bytes Parquet file are read together (one pass over the row
+    groups that hold them); shard members are ranged reads; anything else goes through
+    `read_bytes`.
+    """
+    out: list = [None] * len(uris)
+    parquet_rows: dict[str, list[tuple[int, int]]] = {}
+    web: list[int] = []
+    for i, uri in enumerate(uris):
+        row = _ROW_RE.match(uri) if uri is not None else None
+        if uri is None:
+            continue
+        if row:
+            parquet_rows.setdefault(row["file"], []).append((i, int(row["row"])))
+        elif is_http(uri):
+            web.append(i)
+    for file_uri, wanted in parquet_rows.items():
+        try:
+            data = _with_retries(file_uri, retries,
+                                 lambda: _read_rows(file_uri, [r for _, r in wanted]))
+            for i, row in wanted:
+                cell = data[row]
+                if isinstance(cell, bytes) and len(cell) > max_bytes:
+                    cell = ReadError(uris[i], f"larger than the byte cap of {max_bytes:,} bytes "
+                                     "(--max-bytes)", 1, False)
+                out[i] = cell
+        except ReadError as exc:
+            for i, _ in wanted:
+                out[i] = ReadError(uris[i], exc.reason, exc.attempts, exc.transient)
+    if web:
+        def one(i: int) -> bytes | ReadError:
+            try:
+                return _with_retries(uris[i], retries, lambda: _get(uris[i], max_bytes))
+            except ReadError as exc:
+                return exc
+        with ThreadPoolExecutor(max_workers=min(len(web), 32)) as pool:
+            for i, result in zip(web, pool.map(one, web)):
+                out[i] = result
+    for i, uri in enumerate(uris):
+        if out[i] is None and uri is not None:
+            try:
+                out[i] = _read_member(uri, retries, max_bytes) if _MEMBER_RE.match(uri) else \
+                    read_bytes(uri, retries=retries, max_bytes=max_bytes)
+            except ReadError as exc:
+                out[i] = exc
+    return out

@@ -118,14 +118,26 @@ class GalleryItem:
     note: str | None = None
 
 
+MAX_THUMB_BYTES = 30 * 1024
+"""What one gallery picture may weigh at THUMB_SIDE: a PNG blend of a photo is 120-145 KB
+(50 of them made a 7.7 MB page); WebP q80 of the same is 7-8 KB, JPEG q85 12-14 KB."""
+
+_ENCODINGS = {  # extension -> (MIME type, OpenCV parameters)
+    ".jpg": ("image/jpeg", lambda cv2: [cv2.IMWRITE_JPEG_QUALITY, 85]),
+    ".webp": ("image/webp", lambda cv2: [cv2.IMWRITE_WEBP_QUALITY, 80]),
+    ".png": ("image/png", lambda cv2: [cv2.IMWRITE_PNG_COMPRESSION, 6]),
+}
+
+
 def data_uri(rgb: np.ndarray, fmt: str = ".jpg") -> str:
+    """A data: URI of an RGB picture: JPEG for photos, WebP for overlays (photo blends),
+    PNG only for flat colour masks, where it is both exact and small."""
     import cv2
 
-    params = [cv2.IMWRITE_JPEG_QUALITY, 85] if fmt == ".jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 6]
-    ok, buf = cv2.imencode(fmt, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    mime, params = _ENCODINGS[fmt]
+    ok, buf = cv2.imencode(fmt, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params(cv2))
     if not ok:  # pragma: no cover
         raise ValueError("thumbnail could not be encoded")
-    mime = "image/jpeg" if fmt == ".jpg" else "image/png"
     return f"data:{mime};base64,{base64.b64encode(buf.tobytes()).decode('ascii')}"
 
 
@@ -151,14 +163,13 @@ def gallery_item(image_id: str, uri: str, confidence: float, mask: np.ndarray,
         rgb = decode_image(read_bytes(uri, retries=1), image_id)
         rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
         overlay = (rgb * (1 - OVERLAY_ALPHA) + colours * OVERLAY_ALPHA).astype(np.uint8)
-        image_uri = data_uri(rgb)
+        image_uri, overlay_uri = data_uri(rgb), data_uri(overlay, ".webp")
     except (OSError, ValueError) as exc:
         note = f"source not shown: {str(exc).splitlines()[0]}"
-        overlay = colours
-        image_uri = data_uri(colours, ".png")
+        image_uri = overlay_uri = data_uri(colours, ".png")
     counts = np.bincount(mask.ravel(), minlength=meta.num_classes)[:meta.num_classes] / mask.size
     top = [(meta.classes[i], float(counts[i])) for i in np.argsort(-counts)[:3] if counts[i] > 0]
-    return GalleryItem(image_id, confidence, top, image_uri, data_uri(overlay, ".png"), note)
+    return GalleryItem(image_id, confidence, top, image_uri, overlay_uri, note)
 
 
 def gallery(output: str, meta: OutputMetadata, stats: Stats) -> list[GalleryItem]:

@@ -77,7 +77,11 @@ def test_report_is_one_self_contained_file(report):
     gallery = [i for i in page.images if "gallery-image" in i.get("class", "")]
     assert len(gallery) == len(page.images) == 20
     for img in gallery:
-        assert re.fullmatch(r"data:image/(jpeg|png);base64,[A-Za-z0-9+/=]+", img["src"])
+        assert re.fullmatch(r"data:image/(jpeg|png|webp);base64,[A-Za-z0-9+/=]+", img["src"])
+        # at most 30 KB per picture at the default thumbnail size (a PNG blend was 120+ KB)
+        assert len(base64.b64decode(img["src"].split(",", 1)[1])) <= 30 * 1024, img["alt"]
+    overlays = [i["src"] for i in gallery if i["alt"].startswith("mask ")]
+    assert overlays and all(src.startswith("data:image/webp;") for src in overlays)
     for tag, attrs in page.tags:  # nothing fetched from anywhere: no CDN, no external file
         assert tag != "link" and not (tag == "script" and "src" in attrs), (tag, attrs)
         for key in ("src", "href"):
@@ -130,7 +134,8 @@ def test_gallery_pairs_are_source_and_palette_overlay(run, report):
 
         small = resize_mask(mask, *source.shape[:2])
         expected = (source.astype(np.float64) + palette[small]) / 2
-        assert np.median(np.abs(overlay - expected)) <= 2, image_id
+        # lossy WebP (chroma subsampled) of thumbnails as small as 29 x 41: a few levels off
+        assert np.median(np.abs(overlay - expected)) <= 8, image_id
 
 
 def _decode(uri: str) -> np.ndarray:
