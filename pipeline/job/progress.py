@@ -26,7 +26,7 @@ class Progress:
     run_id: str
     output: str
     state: str = "running"  # running, finished, failed, interrupted
-    total: int = 0  # images this run labels
+    total: int = 0  # images this run labels (grows while the inputs are being listed)
     skipped: int = 0  # images that already had a row (resume)
     labelled: int = 0
     labelled_ok: int = 0
@@ -53,6 +53,7 @@ class ProgressCounter:
     def __init__(self) -> None:
         self.labelled_ok = self.labelled_errors = 0
         self.committed_ok = self.committed_errors = self.committed_files = 0
+        self.listed = self.skipped = 0  # inputs streamed through the skip stage so far
         self.first_t: float | None = None
         self.first_n = 0  # images in the first report (labelled before first_t)
         self.last_t: float | None = None
@@ -64,6 +65,10 @@ class ProgressCounter:
             self.first_t, self.first_n = t, ok + errors
         self.last_t = t if self.last_t is None else max(self.last_t, t)
 
+    def add_listed(self, listed: int, skipped: int) -> None:
+        self.listed += listed
+        self.skipped += skipped
+
     def add_committed(self, ok: int, errors: int) -> None:
         """One file committed with `ok` + `errors` rows (a retried task rewrites the same
         file; the sink reports only commits that happened)."""
@@ -74,16 +79,19 @@ class ProgressCounter:
     def snapshot(self) -> dict:
         return dict(labelled_ok=self.labelled_ok, labelled_errors=self.labelled_errors,
                     committed_ok=self.committed_ok, committed_errors=self.committed_errors,
-                    committed_files=self.committed_files,
-                    first_t=self.first_t, first_n=self.first_n, last_t=self.last_t)
+                    committed_files=self.committed_files, listed=self.listed,
+                    skipped=self.skipped, first_t=self.first_t, first_n=self.first_n,
+                    last_t=self.last_t)
 
 
 def start_counter_actor():
     """The run's progress actor; its handle travels to predict actors and write tasks."""
     import ray
 
+    from pipeline.job.commit import driver_node
+
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(ProgressCounter)
-    return actor_cls.remote()
+    return actor_cls.options(scheduling_strategy=driver_node()).remote()
 
 
 def format_line(p: Progress) -> str:
@@ -129,6 +137,9 @@ class ProgressReporter:
             if snap:
                 p.labelled_ok, p.labelled_errors = snap["labelled_ok"], snap["labelled_errors"]
                 p.committed_ok, p.committed_errors = snap["committed_ok"], snap["committed_errors"]
+                if snap.get("listed"):  # inputs are listed while the run labels: totals grow
+                    p.skipped = snap["skipped"]
+                    p.total = snap["listed"] - snap["skipped"]
                 # A batch retried after a worker died is reported twice; rows are committed once.
                 p.labelled = min(p.labelled_ok + p.labelled_errors, p.total) if p.total else 0
                 p.committed = p.committed_ok + p.committed_errors

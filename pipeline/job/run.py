@@ -1,7 +1,9 @@
-"""run_job(spec): list -> skip what is done -> decode -> predict -> encode -> Parquet.
+"""run_job(spec): list -> skip what is done -> decode -> predict -> encode -> commit.
 
-The driver lists inputs, reads which image ids OUTPUT already holds for this model
-identity, and then only wires Ray Data stages: the masks never pass through it.
+The driver plans (how INPUT is listed, which of OUTPUT's files hold done rows), takes the
+lease, and wires Ray Data stages; listing, the done set, the masks and the commits never
+pass through it (pipeline.job.plan, pipeline.job.commit), so its memory and the time to
+the first image do not grow with the number of inputs.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from datetime import datetime, timezone
 from typing import Callable, TextIO
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline.errors import EXIT_ERROR_RATE, EXIT_OK, JobError
@@ -27,17 +28,24 @@ from pipeline.job.progress import Progress, ProgressReporter
 from pipeline.job.stages import ModelSpec, RowIdentity
 from pipeline.spec import JobSpec
 from pipeline.store.fs import resolve, write_bytes_atomic
-from pipeline.store.lease import (LeaseLost, acquire_lease, heartbeat_lease, lease_holder,
-                                  release_lease)
-from pipeline.store.output import (PROGRESS_FILE, RUNS_DIR, OutputMetadata, foreign_files,
-                                   schema_with_metadata)
-from pipeline.store.reconcile import (clean_tmp, drop_replaced_rows, existing_rows, has_duplicates,
-                                      remove_identity_rows)
-from pipeline.store.sources import list_inputs
+from pipeline.store.lease import Lease, LeaseLost, acquire_lease
+from pipeline.store.output import (PROGRESS_FILE, RUNS_DIR, OutputMetadata, data_files,
+                                   foreign_files, schema_with_metadata)
+from pipeline.store.reconcile import clean_tmp, drop_replaced_rows, remove_identity_rows
+from pipeline.store.sources import InputError, InputPlan, no_inputs_error, plan_inputs
 
 log = logging.getLogger(__name__)
 
 INPUT_BLOCK_ROWS = 16
+"""Images a decode call reads and decodes at a time."""
+BLOCK_BYTES = 64 << 10
+"""Ray Data's target block size for a job. Blocks of (image_id, uri) rows are cut at this
+size (about a thousand rows), so a large manifest or listing becomes many blocks that
+decode tasks share; decoded pixels leave a decode task every 64 KiB (one image, unless
+images are tiny), so the first image reaches the model at once whatever N is, and a
+predict actor's task holds a batch or two, not hundreds of labelled rows."""
+SHARD_ROWS = 2_000_000
+"""About this many done ids per shard writer (their memory: ~100 bytes an id)."""
 
 
 @dataclass
@@ -159,20 +167,32 @@ def actor_pool(spec: JobSpec):
     return ActorPoolStrategy(min_size=low, max_size=high)
 
 
-def build_dataset(spec: JobSpec, todo: pa.Table, meta: OutputMetadata, run_id: str,
-                  progress=None):
-    import ray
+def shard_count(spec: JobSpec, existing_files: int) -> int:
+    """Shard writers for a run: one per four predict workers (commit throughput), and
+    enough that no shard's done set exceeds about SHARD_ROWS ids (estimated from the
+    number of data files, without reading them)."""
+    by_workers = -(-spec.worker_range()[1] // 4)
+    by_rows = -(-existing_files * spec.rows_per_file // SHARD_ROWS)
+    return max(1, min(256, max(by_workers, by_rows)))
 
+
+def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: str,
+                  writers: list, progress=None):
+    """input -> skip done -> 16-row blocks -> decode -> predict -> encode (not executed)."""
+
+    from pipeline.job.commit import skip_done
+    from pipeline.job.plan import input_dataset
     from pipeline.job.stages import PredictActor, decode_batch, encode_batch
 
-    chunks = [todo.slice(i, INPUT_BLOCK_ROWS) for i in range(0, todo.num_rows, INPUT_BLOCK_ROWS)]
-    ds = ray.data.from_arrow(chunks)
+    ds = input_dataset(plan)
+    ds = ds.map_batches(skip_done, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
+                        fn_kwargs={"writers": writers, "progress": progress})
     # Ray fuses consecutive stages whose resources match; on a CPU-only cluster that would
     # run decoding inside the predict actors, in series with the model. Decode tasks
     # reserve the memory a block of the largest images takes, which also keeps them a
     # separate stage on purpose, so that decoding overlaps prediction.
     decode_memory = INPUT_BLOCK_ROWS * spec.max_side * spec.max_side * 3 * 2
-    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=None,
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=INPUT_BLOCK_ROWS,
                         num_cpus=spec.decode_cpus, memory=decode_memory,
                         fn_kwargs={"max_side": spec.max_side, "retries": spec.retries,
                                    "max_bytes": spec.max_bytes, "max_pixels": spec.max_pixels})
@@ -188,7 +208,9 @@ def build_dataset(spec: JobSpec, todo: pa.Table, meta: OutputMetadata, run_id: s
                         num_gpus=spec.gpus_per_worker or None)
     identity = RowIdentity(model=meta.model, weights_sha256=meta.weights_sha256, run_id=run_id,
                            num_classes=meta.num_classes, png_compression=spec.png_compression)
-    ds = ds.map_batches(encode_batch, batch_format="pyarrow", batch_size=None,
+    # Encoding and handing rows to the shard writers reserve no CPU: labelled rows must
+    # never wait behind decode tasks for a core (they would pile up uncommitted).
+    ds = ds.map_batches(encode_batch, batch_format="pyarrow", batch_size=None, num_cpus=0,
                         fn_kwargs={"identity": identity})
     return ds
 
@@ -216,15 +238,19 @@ def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
         echo(f"warning: {spec.model} has no weights (random initialisation): labels will be "
              f"meaningless; pass --weights")
     try:
-        inputs = list_inputs(spec.input)
+        plan = plan_inputs(spec.input)
     except (ValueError, OSError) as exc:
         raise JobError(str(exc)) from None
-    acquire_lease(output, run_id)
+    lease = acquire_lease(output, run_id)
     try:
-        return _run_leased(RunContext(spec=spec, meta=meta, inputs=inputs, run_id=run_id,
-                                      output=output, t_start=t_start, echo=echo, stream=stream))
+        # The heartbeat runs from the moment the lease is held: the scan of existing rows
+        # and --overwrite rewrites come after, and may take longer than the lease lasts.
+        with lease.keeper():
+            return _run_leased(RunContext(spec=spec, meta=meta, plan=plan, run_id=run_id,
+                                          output=output, t_start=t_start, echo=echo,
+                                          stream=stream, lease=lease))
     finally:
-        release_lease(output, run_id)
+        lease.release()
 
 
 @dataclass(frozen=True)
@@ -233,18 +259,24 @@ class RunContext:
 
     spec: JobSpec
     meta: OutputMetadata
-    inputs: pa.Table
+    plan: InputPlan
     run_id: str
     output: str
     t_start: float
     echo: Callable[[str], None]
     stream: TextIO | None
+    lease: Lease
+
+
+def _lost(ctx: RunContext, why: str) -> JobError:
+    return JobError(f"{why}; it committed nothing after losing it and leaves the rest to the "
+                    f"run that holds the lease")
 
 
 def _run_leased(ctx: RunContext) -> RunResult:
     import ray
 
-    spec, meta, inputs, run_id, output = ctx.spec, ctx.meta, ctx.inputs, ctx.run_id, ctx.output
+    spec, meta, plan, run_id, output = ctx.spec, ctx.meta, ctx.plan, ctx.run_id, ctx.output
     t_start, echo, stream = ctx.t_start, ctx.echo, ctx.stream
 
     clean_tmp(output)
@@ -252,61 +284,80 @@ def _run_leased(ctx: RunContext) -> RunResult:
         dropped = remove_identity_rows(output, meta)
         if dropped:
             echo(f"--overwrite: removed {dropped} rows of {meta.model} ({meta.weights_sha256[:12]})")
-    done = existing_rows(output, meta)
-    # Rows to reconcile: --retry-errors replaces error rows, and an earlier run may have
-    # been killed between writing such rows and removing the ones they replace.
-    reconcile = spec.retry_errors or has_duplicates(done["image_id"])
-    skip_status = ["ok"] if spec.retry_errors else ["ok", "error"]
-    done_ids = pc.filter(done["image_id"], pc.is_in(done["status"], pa.array(skip_status)))
-    todo = inputs.filter(pc.invert(pc.is_in(inputs["image_id"], done_ids)))
-    skipped = inputs.num_rows - todo.num_rows
-    result = RunResult(run_id=run_id, output=output, state="running", inputs=inputs.num_rows,
-                       skipped=skipped, to_label=todo.num_rows)
-    record = _record(spec, meta, result, t_start)
-    write_bytes_atomic(output, f"{RUNS_DIR}/{run_id}.json", json.dumps(record, indent=2).encode())
-    echo(f"run {run_id}: {inputs.num_rows} inputs, {skipped} already labelled, "
-         f"{todo.num_rows} to label with {meta.model}")
-
-    progress = Progress(run_id=run_id, output=output, total=todo.num_rows, skipped=skipped)
+    result = RunResult(run_id=run_id, output=output, state="running", inputs=0, skipped=0,
+                       to_label=0)
+    write_bytes_atomic(output, f"{RUNS_DIR}/{run_id}.json",
+                       json.dumps(_record(spec, meta, result, t_start), indent=2).encode())
+    echo(f"run {run_id}: labelling {spec.input} with {meta.model} (inputs are listed as the "
+         f"run goes; images already labelled are skipped)")
+    progress = Progress(run_id=run_id, output=output)
     save = lambda p: write_bytes_atomic(output, PROGRESS_FILE, p.to_json().encode())  # noqa: E731
     state = "failed"
-    reporter = None
+    reporter = counter = None
+    writers: list = []
     try:
-        if todo.num_rows:
-            started_ray = ensure_ray(spec.address)
-            from ray.data import DataContext
+        ensure_ray(spec.address)
+        from ray.data import DataContext
 
-            from pipeline.job.progress import start_counter_actor
-            from pipeline.job.sink import LabelDatasink
+        from pipeline.job.commit import COMMIT_INTERVAL_S, load_done_set, start_shard_writers
+        from pipeline.job.progress import start_counter_actor
+        from pipeline.job.sink import LabelDatasink
 
-            data_ctx = DataContext.get_current()
-            data_ctx.enable_progress_bars = False
-            data_ctx.print_on_execution_start = False
-            counter = start_counter_actor()
-            result.startup_s = time.time() - t_start
-            reporter = ProgressReporter(progress, lambda: ray.get(counter.snapshot.remote(), timeout=10),
-                                        save=save, stream=stream,
-                                        heartbeat=lambda: heartbeat_lease(output, run_id)).start()
-            sink = LabelDatasink(output, run_id=run_id, schema=schema_with_metadata(meta),
-                                 rows_per_file=spec.rows_per_file, progress=counter)
-            t_label = time.time()
-            try:
-                build_dataset(spec, todo, meta, run_id, counter).write_datasink(sink)
-            except Exception as exc:  # noqa: BLE001 - only a lost lease is translated
-                lost = _find_cause(exc, LeaseLost)
-                if lost is None:
-                    raise
-                raise JobError(str(lost)) from None
-            result.label_s = time.time() - t_label
-            result.files = [f["file"] for f in sink.files]
-            result.ok = sum(f["ok"] for f in sink.files)
-            result.errors = sum(f["errors"] for f in sink.files)
-            del started_ray
-        holder = lease_holder(output)
-        if holder not in (None, run_id):  # lost after its last commit: touch nothing more
-            raise JobError(f"run {run_id} lost the lease on OUTPUT {output} to run {holder}; "
-                           f"it leaves the rest to that run")
-        if reconcile:
+        data_ctx = DataContext.get_current()
+        data_ctx.enable_progress_bars = False
+        data_ctx.print_on_execution_start = False
+        data_ctx.target_max_block_size = BLOCK_BYTES
+        counter = start_counter_actor()
+        # Resume: the done set is read by Ray tasks, one piece per shard, never here.
+        files = data_files(output)
+        shards = shard_count(spec, len(files))
+        done_refs = load_done_set(output, files, meta, shards)
+        schema = schema_with_metadata(meta)
+        writers = start_shard_writers(
+            shards, output=output, run_id=run_id, generation=ctx.lease.generation,
+            schema=schema, rows_per_file=spec.rows_per_file, commit_interval_s=COMMIT_INTERVAL_S,
+            done_refs=done_refs, skip_status=("ok",) if spec.retry_errors else ("ok", "error"),
+            progress=counter)
+        del files, done_refs
+        result.startup_s = time.time() - t_start
+        reporter = ProgressReporter(progress, lambda: ray.get(counter.snapshot.remote(), timeout=10),
+                                    save=save, stream=stream).start()
+        t_label = time.time()
+        sink = LabelDatasink(writers, schema)
+        try:
+            build_dataset(spec, plan, meta, run_id, writers, counter).write_datasink(
+                sink, ray_remote_args={"num_cpus": 0})
+        except Exception as exc:  # noqa: BLE001 - a lost lease and bad input are translated
+            for cls in (LeaseLost, InputError):
+                cause = _find_cause(exc, cls)
+                if cause is not None:
+                    raise (_lost(ctx, str(cause).split(":")[0]) if cls is LeaseLost
+                           else JobError(str(cause))) from None
+            raise
+        shard_results = ray.get([w.finish.remote() for w in writers])
+        result.label_s = time.time() - t_label
+        snap = ray.get(counter.snapshot.remote())
+        result.inputs, result.skipped = snap["listed"], snap["skipped"]
+        result.to_label = result.inputs - result.skipped
+        files_written = [f for r in shard_results for f in r["files"]]
+        result.files = [f["file"] for f in files_written]
+        result.ok = sum(f["ok"] for f in files_written)
+        result.errors = sum(f["errors"] for f in files_written)
+        lost = next((r["lost"] for r in shard_results if r["lost"]), None) or ctx.lease.lost
+        if lost is not None:
+            raise _lost(ctx, lost.split(":")[0])
+        if result.inputs == 0 and plan.kind in ("directory", "glob", "shards"):
+            raise JobError(str(no_inputs_error(plan)))
+        repeated = sum(r["repeated"] for r in shard_results)
+        if repeated:
+            echo(f"warning: input {spec.input}: {repeated} rows repeated an image_id already "
+                 f"labelled in this run; each image_id was labelled once (give each row its "
+                 f"own image_id)")
+        if ctx.lease.lost or not ctx.lease.renew():  # lost after the last commit: touch nothing
+            raise _lost(ctx, ctx.lease.lost or f"run {run_id} lost the lease on OUTPUT {output}")
+        # Rows to reconcile: --retry-errors replaces error rows, and an earlier run may have
+        # been killed between writing such rows and removing the ones they replace.
+        if spec.retry_errors or any(r["existing_duplicates"] for r in shard_results):
             replaced = drop_replaced_rows(output, meta)
             if replaced:
                 echo(f"removed {replaced} rows that newer rows of {meta.model} replace")
@@ -324,17 +375,20 @@ def _run_leased(ctx: RunContext) -> RunResult:
             # One images/s figure: the progress line's (since the first labelled image),
             # so the summary and the last line of the bar agree.
             result.images_per_s = final.images_per_s
-            try:
-                ray.kill(counter)
-            except Exception:  # noqa: BLE001
-                pass
         else:
             progress.state = state
             save(progress)
+        for actor in [counter, *writers]:
+            if actor is not None:
+                try:
+                    ray.kill(actor)
+                except Exception:  # noqa: BLE001
+                    pass
         result.state = state
         result.wall_s = time.time() - t_start
-        write_bytes_atomic(output, f"{RUNS_DIR}/{run_id}.json",
-                           json.dumps(_record(spec, meta, result, t_start), indent=2).encode())
+        if not ctx.lease.lost:  # a run that lost the lease writes nothing more into OUTPUT
+            write_bytes_atomic(output, f"{RUNS_DIR}/{run_id}.json",
+                               json.dumps(_record(spec, meta, result, t_start), indent=2).encode())
     labelled = result.ok + result.errors
     if spec.max_error_rate is not None and labelled and result.errors / labelled > spec.max_error_rate:
         result.exit_code = EXIT_ERROR_RATE

@@ -1,9 +1,20 @@
-"""One writer per OUTPUT: the lease file, its heartbeat, and the check before each commit.
+"""One writer per OUTPUT: a fenced lease taken by compare-and-swap, kept alive by a heartbeat.
 
-``_state/lease.json`` names the run that may write OUTPUT. A second run exits 4 while the
-holder is alive; a holder whose process is gone (same host and pid namespace) is taken
-over at once, another host's after ``LEASE_TTL_S`` seconds without a heartbeat. Write
-tasks call ``check_lease`` before every commit.
+``_state/lease.json`` names the run that may write OUTPUT and a generation number. Every
+change to it is a compare-and-swap against the version that was read:
+
+- locally, under an exclusive ``flock`` of ``_state/lease.lock``, the file is read,
+  compared and replaced by an atomic rename (`drn.io.atomic_write`);
+- on S3, by conditional writes: ``If-None-Match: *`` to create it, ``If-Match: <etag>``
+  to replace the version that was read.
+
+So two runs that start together cannot both win, a heartbeat never overwrites a lease
+another run has taken, and a run whose lease is gone (taken over, or released by the run
+that took it over) never creates it again: it has lost, and every later commit is refused
+(`check_lease`, called before each commit). A second run exits 4 while the holder is
+alive; a holder whose process is gone (same host and pid namespace) is taken over at
+once, another host's after the lease's TTL without a heartbeat (``LEASE_TTL_S``, or the
+``DRN_LABEL_LEASE_TTL_S`` environment variable).
 """
 from __future__ import annotations
 
@@ -11,40 +22,130 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
 
-from pipeline.errors import JobError, LeaseHeld
-from pipeline.store.fs import read_bytes_or_none, resolve, write_bytes_atomic
-from pipeline.store.output import LEASE_FILE
+from pipeline.errors import LeaseHeld
+from pipeline.store.fs import is_local, resolve
+from pipeline.store.output import LEASE_FILE, STATE_DIR
 
 log = logging.getLogger(__name__)
 
 LEASE_TTL_S = 60.0
+"""Seconds without a heartbeat after which another host's lease may be taken over."""
+
+LOCK_FILE = f"{STATE_DIR}/lease.lock"
+
+
+def lease_ttl_s() -> float:
+    """The TTL in force: ``DRN_LABEL_LEASE_TTL_S`` when set (tests shorten it), else 60 s."""
+    raw = os.environ.get("DRN_LABEL_LEASE_TTL_S")
+    try:
+        return float(raw) if raw else LEASE_TTL_S
+    except ValueError:
+        return LEASE_TTL_S
 
 
 class LeaseLost(RuntimeError):
-    """Another run holds OUTPUT's lease: this run must not commit more rows."""
+    """Another run holds OUTPUT's lease (or none does): this run must not commit more rows."""
 
 
-def lease_holder(output: str) -> str | None:
-    """The run_id named by OUTPUT's lease (None when there is no readable lease)."""
-    raw = read_bytes_or_none(output, LEASE_FILE)
+# -- compare-and-swap on the lease file ------------------------------------------------------
+def _read(output: str) -> tuple[dict | None, object]:
+    """(the lease, a version token for `_swap`), or (None, None) when there is none."""
+    fs, root = resolve(output)
+    path = f"{root}/{LEASE_FILE}"
+    if is_local(fs):
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None, None
+        token = raw
+    else:
+        import botocore.exceptions
+
+        bucket, _, key = path.partition("/")
+        try:
+            reply = _s3().get_object(Bucket=bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        raw, token = reply["Body"].read(), reply["ETag"]
     try:
-        return json.loads(raw).get("run_id") if raw else None
+        lease = json.loads(raw)
     except ValueError:
-        return None
+        lease = {}
+    return (lease if isinstance(lease, dict) else {}), token
 
 
-def check_lease(output: str, run_id: str) -> None:
-    holder = lease_holder(output)
-    if holder is not None and holder != run_id:
-        raise LeaseLost(f"run {run_id} lost the lease on OUTPUT {output} to run {holder} "
-                        f"(e.g. its heartbeat stopped for longer than the lease lasts); it "
-                        f"stopped committing rows so that no image is labelled twice")
+def _s3():
+    import boto3
+
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", region_name=region, endpoint_url=endpoint)
 
 
+@contextmanager
+def _local_lock(root: str) -> Iterator[None]:
+    import fcntl
 
-# -- lease: one writer per OUTPUT ---------------------------------------------------------
+    os.makedirs(f"{root}/{STATE_DIR}", exist_ok=True)
+    with open(f"{root}/{LOCK_FILE}", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _swap(output: str, expected: object, lease: dict | None) -> object | None:
+    """Replace the lease whose version is `expected` (None: there must be none) by `lease`
+    (None: delete it). Returns the new version token, or None when the lease changed
+    since it was read (someone else won)."""
+    fs, root = resolve(output)
+    path = f"{root}/{LEASE_FILE}"
+    body = json.dumps(lease).encode() if lease is not None else b""
+    if is_local(fs):
+        from drn.io import atomic_write
+
+        with _local_lock(root):
+            current = _read(output)[1]
+            if current != expected:
+                return None
+            if lease is None:
+                os.unlink(path)
+                return b""
+            with atomic_write(path) as f:
+                f.write(body)
+            return body
+    import botocore.exceptions
+
+    bucket, _, key = path.partition("/")
+    client = _s3()
+    try:
+        if lease is None:
+            if _read(output)[1] != expected:
+                return None
+            client.delete_object(Bucket=bucket, Key=key)
+            return ""
+        condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+        return client.put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or \
+                status in (404, 409, 412):
+            return None
+        raise
+
+
+# -- the holder's identity ------------------------------------------------------------------
 def _pid_namespace() -> str | None:
     try:
         return os.readlink("/proc/self/ns/pid")
@@ -79,56 +180,127 @@ def _holder_is_gone(lease: dict) -> bool:
     return isinstance(recorded, (int, float)) and abs(started - recorded) > 1.0
 
 
-def acquire_lease(output: str, run_id: str) -> None:
-    raw = read_bytes_or_none(output, LEASE_FILE)
-    if raw:
-        try:
-            lease = json.loads(raw)
-        except ValueError:
-            lease = {}
-        age = time.time() - float(lease.get("heartbeat", 0))
+def _body(run_id: str, generation: int) -> dict:
+    return {"run_id": run_id, "generation": generation, "host": socket.gethostname(),
+            "pid": os.getpid(), "pid_ns": _pid_namespace(),
+            "pid_started": _process_started(os.getpid()), "heartbeat": time.time()}
+
+
+# -- the lease ------------------------------------------------------------------------------
+@dataclass
+class Lease:
+    """A held lease: renewed by compare-and-swap against the version this run last wrote."""
+
+    output: str
+    run_id: str
+    generation: int
+    _token: object = field(repr=False, default=None)
+    lost: str | None = None  # why it was lost, once it is
+
+    def renew(self) -> bool:
+        """Refresh the heartbeat. False (and `lost` set) once another run has the lease or it
+        is gone: then nothing is written, the lease is never re-created."""
+        if self.lost:
+            return False
+        token = _swap(self.output, self._token, _body(self.run_id, self.generation))
+        if token is None:
+            holder = lease_holder(self.output)
+            self.lost = (f"run {self.run_id} lost the lease on OUTPUT {self.output} "
+                         + (f"to run {holder}" if holder else "(another run took it over and "
+                            "released it)"))
+            log.error("%s", self.lost)
+            return False
+        self._token = token
+        return True
+
+    def release(self) -> None:
+        """Remove the lease if it is still this run's (compare-and-swap, never another's)."""
+        if not self.lost:
+            _swap(self.output, self._token, None)
+
+    def keeper(self, interval: float | None = None) -> "LeaseKeeper":
+        return LeaseKeeper(self, interval if interval is not None else max(0.2, lease_ttl_s() / 6))
+
+
+class LeaseKeeper:
+    """A driver thread renewing the lease from the moment it is held (before the scan of
+    existing rows and `--overwrite` rewrites, which can take long on a large OUTPUT)."""
+
+    def __init__(self, lease: Lease, interval: float) -> None:
+        self.lease, self.interval = lease, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="drn-label-lease", daemon=True)
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.lease.renew():
+                    return
+            except Exception as exc:  # noqa: BLE001 - a failed renewal is retried; expiry decides
+                log.warning("could not renew the lease on %s: %s", self.lease.output, exc)
+
+
+def lease_holder(output: str) -> str | None:
+    """The run_id named by OUTPUT's lease (None when there is no readable lease)."""
+    lease, _ = _read(output)
+    return lease.get("run_id") if lease else None
+
+
+def check_lease(output: str, run_id: str, generation: int | None = None) -> None:
+    """Raise LeaseLost unless OUTPUT's lease is this run's (and of this `generation`). A
+    missing lease is lost too: the run that took it over may have finished and removed it."""
+    lease, _ = _read(output)
+    holder = lease.get("run_id") if lease else None
+    if holder == run_id and (generation is None or lease.get("generation") == generation):
+        return
+    whom = f"to run {holder}" if holder and holder != run_id else "(it was taken over)"
+    raise LeaseLost(f"run {run_id} lost the lease on OUTPUT {output} {whom}: its heartbeat "
+                    f"stopped for longer than the lease lasts ({lease_ttl_s():.0f}s) and "
+                    f"another run took over; it commits nothing more, so no image is "
+                    f"labelled twice")
+
+
+def acquire_lease(output: str, run_id: str) -> Lease:
+    """Take OUTPUT's lease by compare-and-swap, or raise LeaseHeld naming the holder."""
+    ttl = lease_ttl_s()
+    lease, token = _read(output)
+    generation = 1
+    if lease is not None:
+        age = time.time() - float(lease.get("heartbeat", 0) or 0)
         holder = lease.get("run_id")
-        gone = holder != run_id and age < LEASE_TTL_S and _holder_is_gone(lease)
-        if holder != run_id and age < LEASE_TTL_S and not gone:
+        gone = age < ttl and _holder_is_gone(lease)
+        if age < ttl and not gone:
             raise LeaseHeld(
                 f"OUTPUT {output} is being written by run {holder} "
                 f"(host {lease.get('host')}, pid {lease.get('pid')}, last seen {age:.0f}s ago); "
                 f"wait for it to finish (`drn-label status {output}`), or remove {LEASE_FILE} "
-                f"if that run is dead (it expires {LEASE_TTL_S:.0f}s after its last heartbeat)")
+                f"if that run is dead (it expires {ttl:.0f}s after its last heartbeat)")
         if gone:
             log.warning("taking over the lease of run %s: its process (pid %s on this host) "
                         "is gone", holder, lease.get("pid"))
-        elif holder and holder != run_id:
+        else:
             log.warning("taking over the expired lease of run %s", holder)
-    renew_lease(output, run_id)
-    # Last writer wins: read back after a moment so two simultaneous starters agree.
-    time.sleep(0.2)
-    holder = lease_holder(output)
-    if holder != run_id:
-        raise LeaseHeld(f"OUTPUT {output} was taken by run {holder} as this run started; "
-                        f"wait for it to finish (`drn-label status {output}`)")
+        generation = int(lease.get("generation", 0) or 0) + 1
+    new_token = _swap(output, token, _body(run_id, generation))
+    if new_token is None:
+        raise LeaseHeld(f"OUTPUT {output} was taken by run {lease_holder(output)} as this run "
+                        f"started; wait for it to finish (`drn-label status {output}`)")
+    return Lease(output, run_id, generation, new_token)
 
 
 def renew_lease(output: str, run_id: str) -> None:
-    lease = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-             "pid_ns": _pid_namespace(), "pid_started": _process_started(os.getpid()),
-             "heartbeat": time.time()}
-    write_bytes_atomic(output, LEASE_FILE, json.dumps(lease).encode())
+    """Write a fresh lease for `run_id` unconditionally (tests and tools that simulate a holder)."""
+    from pipeline.store.fs import write_bytes_atomic
 
-
-def heartbeat_lease(output: str, run_id: str) -> None:
-    """Keep this run's lease fresh, but never write over a lease another run has taken
-    (the sink then refuses to commit, see `pipeline.job.sink.check_lease`)."""
-    holder = lease_holder(output)
-    if holder is not None and holder != run_id:
-        log.error("run %s lost the lease on OUTPUT %s to run %s", run_id, output, holder)
-        return
-    renew_lease(output, run_id)
-
-
-def release_lease(output: str, run_id: str) -> None:
-    if lease_holder(output) == run_id:
-        fs, root = resolve(output)
-        fs.delete_file(f"{root}/{LEASE_FILE}")
-
-
+    lease, _ = _read(output)
+    generation = int(lease.get("generation", 0) or 0) + (0 if lease and lease.get("run_id") == run_id else 1) \
+        if lease else 1
+    write_bytes_atomic(output, LEASE_FILE, json.dumps(_body(run_id, generation)).encode())

@@ -33,6 +33,34 @@ def existing_rows(output: str, meta: OutputMetadata,
                              "(rerunning relabels its images)") from None
 
 
+def shard_of(image_ids: list[str], shards: int) -> list[int]:
+    """The hash partition (0 .. shards-1) of each image id: stable across processes and
+    runs (crc32, not Python's salted hash), so a shard's done set and its rows agree."""
+    import zlib
+
+    if shards == 1:
+        return [0] * len(image_ids)
+    return [zlib.crc32(i.encode("utf-8", "surrogatepass")) % shards for i in image_ids]
+
+
+def done_pieces(output: str, files: list[str], meta: OutputMetadata, shards: int) -> list[pa.Table]:
+    """`image_id` and `status` of this identity's rows in `files` (full paths of OUTPUT's data
+    files), split into `shards` hash partitions: one piece of the done set, read where it is
+    needed instead of in the driver."""
+    import pyarrow.dataset as ds
+
+    empty = pa.table({"image_id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+    if not files:
+        return [empty] * shards
+    fs, _ = resolve(output)
+    table = ds.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA).to_table(
+        columns=["image_id", "status"], filter=identity_filter(meta))
+    if shards == 1:
+        return [table]
+    parts = pa.array(shard_of(table.column("image_id").to_pylist(), shards), pa.int32())
+    return [table.filter(pc.equal(parts, k)) for k in range(shards)]
+
+
 def has_duplicates(image_ids: pa.ChunkedArray) -> bool:
     return len(image_ids) > 0 and len(pc.unique(image_ids)) < len(image_ids)
 

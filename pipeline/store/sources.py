@@ -42,6 +42,7 @@ import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -54,8 +55,9 @@ from pipeline.store.fs import (SCHEME_RE, is_local, open_random_access, open_ran
                                split_uri, to_uri)
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "INPUT_SCHEMA", "InputError", "ReadError", "is_transient",
-    "list_inputs", "read_all", "read_bytes", "resolve", "to_uri",
+    "IMAGE_EXTENSIONS", "INPUT_SCHEMA", "InputError", "InputPlan", "ReadError", "is_transient",
+    "list_inputs", "list_unit", "manifest_rows", "plan_inputs", "read_all", "read_bytes",
+    "resolve", "to_uri",
 ]
 
 IMAGE_EXTENSIONS = ("bmp", "jpeg", "jpg", "png", "tif", "tiff", "webp")
@@ -99,9 +101,40 @@ class ReadError(OSError):
 
 
 # -- listing inputs --------------------------------------------------------------------------
-def list_inputs(input: str) -> pa.Table:  # noqa: A002 - the CLI's name for it
-    """The images INPUT names, as a table of `image_id` and `uri` (strings), sorted by
-    image_id. Raises InputError, naming INPUT and the fix, when nothing can be listed."""
+@dataclass(frozen=True)
+class InputPlan:
+    """What INPUT is and how to list it in independent units, decided from a few metadata
+    calls: the listing itself (`list_unit`) and manifest reading (`manifest_rows`) run
+    unit by unit, block by block, so a job can stream them (pipeline.job.plan) and the
+    driver never holds the whole input list.
+
+    kind: "directory", "glob", "txt", "csv", "parquet", "image", "embedded" (a Parquet
+    file that holds image bytes), "tar" (one WebDataset shard) or "shards" (a glob whose
+    last part ends in .tar: each matched shard's members). `path` is the manifest, image,
+    Parquet or shard file, or the folder that image_ids are relative to. On an object store a
+    directory or glob is listed in units: "" (the objects directly under `path`) and each
+    sub-prefix (recursively), which is how a listing fans out over prefixes. A local tree
+    is one unit, walked once by `walk_local`: symlinks may join its folders, and a file
+    must be listed once under its real name.
+    """
+
+    input: str
+    kind: str
+    scheme: str
+    path: str
+    pattern: str | None = None  # glob: an anchored regex over paths relative to `path`
+    recursive: bool = True
+    has_image_id: bool = False  # csv/parquet manifest: an image_id column is present
+    units: tuple[str, ...] = ("",)
+
+    @property
+    def is_manifest(self) -> bool:
+        return self.kind in ("txt", "csv", "parquet")
+
+
+def plan_inputs(input: str) -> InputPlan:  # noqa: A002 - the CLI's name for it
+    """Decide how to list INPUT (see `InputPlan`); raise InputError, naming INPUT and the
+    fix, when it cannot be listed at all."""
     try:
         scheme, path = split_uri(input)
         fs, _ = resolve(input)
@@ -109,26 +142,102 @@ def list_inputs(input: str) -> pa.Table:  # noqa: A002 - the CLI's name for it
         raise InputError(f"input {exc}") from None
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound and _GLOB_CHARS.search(path):
-        table = _list_glob(input, fs, scheme, path)
-    elif info.type == pafs.FileType.NotFound:
+        parts = path.split("/")
+        first = next(k for k, part in enumerate(parts) if _GLOB_CHARS.search(part))
+        if scheme != "local" and first == 0:
+            raise InputError(f"input {input}: the bucket name cannot hold a wildcard")
+        base = "/".join(parts[:first]) or "/"
+        pattern = "/".join(parts[first:])
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            raise InputError(f"input {input}: the glob's folder {to_uri(scheme, base)} does not "
+                             "exist; check the path before the first wildcard")
+        recursive = "/" in pattern or "**" in pattern
+        kind = "shards" if pattern.lower().endswith(".tar") else "glob"
+        return InputPlan(input, kind, scheme, base, glob_to_regex(pattern), recursive,
+                         units=_units(fs, base) if recursive else ("",))
+    if info.type == pafs.FileType.NotFound:
         raise InputError(
             f"input {input}: no such file or directory; give an existing directory, a glob "
             "(e.g. 'photos/**/*.jpg') or a manifest (.txt, .csv, .parquet)")
-    elif info.type == pafs.FileType.Directory:
-        table = _list_directory(input, fs, scheme, path)
-    elif path.lower().endswith(".tar"):
-        table = _list_shards(input, fs, scheme, [path], posixpath.dirname(path))
-    elif path.lower().endswith(".parquet") and _embedded_column(fs, path) is not None:
-        table = _list_embedded(input, fs, scheme, path)
-    elif path.lower().endswith(MANIFEST_EXTENSIONS):
-        table = _read_manifest(input, fs, scheme, path)
-    elif re.search(_IMAGE_RE, path):
-        table = pa.table({"image_id": [posixpath.basename(path)],
-                          "uri": [to_uri(scheme, path)], "error": [None]}, schema=INPUT_SCHEMA)
+    if info.type == pafs.FileType.Directory:
+        return InputPlan(input, "directory", scheme, path, units=_units(fs, path))
+    if path.lower().endswith(".tar"):
+        return InputPlan(input, "tar", scheme, path)
+    if path.lower().endswith(".parquet") and _embedded_column(fs, path) is not None:
+        return InputPlan(input, "embedded", scheme, path)
+    if path.lower().endswith(MANIFEST_EXTENSIONS):
+        suffix = path.lower().rsplit(".", 1)[-1]
+        names = _manifest_columns(input, fs, path, suffix) if suffix != "txt" else []
+        return InputPlan(input, suffix, scheme, path, has_image_id="image_id" in names)
+    if re.search(_IMAGE_RE, path):
+        return InputPlan(input, "image", scheme, path)
+    raise InputError(
+        f"input {input}: not a directory, glob, manifest or image; manifests end in "
+        f".txt, .csv or .parquet, images in .{', .'.join(IMAGE_EXTENSIONS)}")
+
+
+def _units(fs: pafs.FileSystem, base: str) -> tuple[str, ...]:
+    """"" (the files directly in `base`) and its visible sub-folders: one listing each on an
+    object store; a local tree is one unit ("*")."""
+    if is_local(fs):
+        return ("*",)
+    entries = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    folders = sorted(i.base_name for i in entries
+                     if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+    return ("", *folders)
+
+
+def list_unit(plan: InputPlan, unit: str) -> pa.Table:
+    """The images of one listing unit of a directory, glob, shard or embedded-bytes plan
+    (see `InputPlan`), as `image_id` and `uri` sorted by image_id; image_ids are relative
+    to `plan.path` (a shard's keys for "tar", the file's rows for "embedded")."""
+    fs, _ = resolve(plan.input)
+    if plan.kind == "tar":
+        return _list_shards(plan.input, fs, plan.scheme, [plan.path], None).sort_by("image_id")
+    if plan.kind == "embedded":
+        return _list_embedded(plan.input, fs, plan.scheme, plan.path).sort_by("image_id")
+    if unit == "*":  # the whole tree at once
+        listed = _listing(fs, plan.path, recursive=plan.recursive)
+    elif unit:
+        listed = _listing(fs, f"{plan.path.rstrip('/')}/{unit}", recursive=True)
+        listed = listed.set_column(1, "rel", pc.binary_join_element_wise(unit + "/", listed["rel"], ""))
     else:
-        raise InputError(
-            f"input {input}: not a directory, glob, manifest or image; manifests end in "
-            f".txt, .csv or .parquet, images in .{', .'.join(IMAGE_EXTENSIONS)}")
+        listed = _listing(fs, plan.path, recursive=False)
+    wanted = pc.match_substring_regex(listed["rel"], plan.pattern or _IMAGE_RE)
+    if plan.kind == "shards":
+        shards = listed.filter(wanted)["path"].to_pylist()
+        return _list_shards(plan.input, fs, plan.scheme, shards, plan.path).sort_by("image_id")
+    return _table(plan.scheme, listed.filter(wanted)).sort_by("image_id")
+
+
+def no_inputs_error(plan: InputPlan) -> InputError:
+    """The error for a directory or glob that listed nothing."""
+    if plan.kind in ("glob", "shards"):
+        return InputError(f"input {plan.input}: the glob matched no files; check the pattern "
+                          "(matching is case-sensitive; '**' spans folders)")
+    return InputError(
+        f"input {plan.input}: no images in this directory or its subfolders (looked for "
+        f".{', .'.join(IMAGE_EXTENSIONS)} in any letter case); point INPUT at the folder "
+        "that holds the images, or use a glob or a manifest")
+
+
+def list_inputs(input: str) -> pa.Table:  # noqa: A002 - the CLI's name for it
+    """The images INPUT names, as one table of `image_id` and `uri` (strings), sorted by
+    image_id: the whole list in memory, for tools and small inputs (a job streams the
+    same units instead, see pipeline.job.plan). Raises InputError, naming INPUT and the
+    fix, when nothing can be listed or an image_id repeats."""
+    plan = plan_inputs(input)
+    if plan.kind == "image":
+        table = pa.table({"image_id": [posixpath.basename(plan.path)],
+                          "uri": [to_uri(plan.scheme, plan.path)], "error": [None]},
+                         schema=INPUT_SCHEMA)
+    elif plan.is_manifest:
+        fs, _ = resolve(input)
+        table = manifest_rows(plan, _read_manifest_table(plan, fs), first_row=0)
+    else:
+        table = pa.concat_tables([list_unit(plan, unit) for unit in plan.units])
+        if table.num_rows == 0:
+            raise no_inputs_error(plan)
     table = table.sort_by("image_id")
     _check_unique(input, table.column("image_id"))
     return table
@@ -263,17 +372,6 @@ def _table(scheme: str, listed: pa.Table) -> pa.Table:
                     schema=INPUT_SCHEMA)
 
 
-def _list_directory(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Table:
-    listed = _listing(fs, path, recursive=True)
-    images = pc.match_substring_regex(listed["rel"], _IMAGE_RE)
-    if not pc.any(images).as_py():
-        raise InputError(
-            f"input {input}: no images in this directory or its subfolders (looked for "
-            f".{', .'.join(IMAGE_EXTENSIONS)} in any letter case); point INPUT at the folder "
-            "that holds the images, or use a glob or a manifest")
-    return _table(scheme, listed.filter(images))
-
-
 def glob_to_regex(pattern: str) -> str:
     """An anchored RE2 regex for a glob over '/'-separated relative paths."""
     out, i, n = [], 0, len(pattern)
@@ -307,83 +405,92 @@ def glob_to_regex(pattern: str) -> str:
     return "^" + "".join(out) + "$"
 
 
-def _list_glob(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Table:
-    parts = path.split("/")
-    first = next(k for k, part in enumerate(parts) if _GLOB_CHARS.search(part))
-    if scheme != "local" and first == 0:
-        raise InputError(f"input {input}: the bucket name cannot hold a wildcard")
-    base = "/".join(parts[:first]) or "/"
-    pattern = "/".join(parts[first:])
-    if fs.get_file_info(base).type != pafs.FileType.Directory:
-        raise InputError(f"input {input}: the glob's folder {to_uri(scheme, base)} does not "
-                         "exist; check the path before the first wildcard")
-    listed = _listing(fs, base, recursive="/" in pattern or "**" in pattern)
-    matches = pc.match_substring_regex(listed["rel"], glob_to_regex(pattern))
-    if not pc.any(matches).as_py():
-        raise InputError(f"input {input}: the glob matched no files; check the pattern "
-                         "(matching is case-sensitive; '**' spans folders)")
-    matched = listed.filter(matches)
-    if pc.all(pc.match_substring_regex(matched["path"], r"(?i)\.tar$")).as_py():  # WebDataset shards
-        return _list_shards(input, fs, scheme, matched["path"].to_pylist(), base)
-    return _table(scheme, matched)
-
-
-def _read_manifest(input: str, fs: pafs.FileSystem, scheme: str, path: str) -> pa.Table:
-    suffix = path.lower().rsplit(".", 1)[-1]
-    if suffix == "txt":
-        with fs.open_input_stream(path) as stream:
-            raw = stream.read()
-        try:
-            lines = raw.decode("utf-8-sig").splitlines()
-        except UnicodeDecodeError as exc:
-            raise InputError(f"input {input}: manifest is not UTF-8 text "
-                             f"({exc.reason} at byte {exc.start})") from None
-        written = pc.utf8_trim_whitespace(pa.array(lines, pa.string()))
-        keep = pc.and_(pc.not_equal(written, ""), pc.invert(pc.starts_with(written, "#")))
-        written = written.filter(keep)
-        image_ids = written
-    else:
-        table = _read_table(input, fs, path, suffix)
-        written = pc.utf8_trim_whitespace(_as_string(table.column("uri")))
-        empty = pc.fill_null(pc.equal(written, ""), True)
-        if pc.any(empty).as_py():
-            row = pc.index(empty, True).as_py()
-            raise InputError(f"input {input}: row {row + 1} has an empty uri; every row "
-                             "needs the path or URI of one image")
-        image_ids = written
-        if "image_id" in table.column_names:
-            given = _as_string(table.column("image_id"))
-            image_ids = pc.if_else(pc.fill_null(pc.equal(given, ""), True), written, given)
-    uris, errors = _resolve_relative(written, scheme, posixpath.dirname(path))
-    return pa.table({"image_id": image_ids, "uri": uris, "error": errors}, schema=INPUT_SCHEMA)
-
-
-def _read_table(input: str, fs: pafs.FileSystem, path: str, suffix: str) -> pa.Table:
-    """The `uri` (and `image_id`, if any) columns of a .csv or .parquet manifest."""
+def _manifest_columns(input: str, fs: pafs.FileSystem, path: str, suffix: str) -> list[str]:
+    """The column names of a .csv or .parquet manifest (its header or schema only), checked
+    for a `uri` column."""
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    wanted = {"uri": pa.string(), "image_id": pa.string()}
     try:
         if suffix == "csv":
             with fs.open_input_stream(path) as stream:
-                table = pcsv.read_csv(stream, convert_options=pcsv.ConvertOptions(
-                    column_types=wanted, strings_can_be_null=True))
-            names = table.column_names
+                reader = pcsv.open_csv(stream, convert_options=pcsv.ConvertOptions(
+                    column_types={"uri": pa.string(), "image_id": pa.string()}))
+                names = reader.schema.names
         else:
             names = pq.read_schema(path, filesystem=fs).names
-            table = None
     except pa.ArrowInvalid as exc:
-        raise InputError(f"input {input}: cannot read the manifest "
-                         f"({' '.join(str(exc).split())})") from None
+        if "Empty CSV file" in str(exc):
+            names = []
+        else:
+            raise InputError(f"input {input}: cannot read the manifest "
+                             f"({' '.join(str(exc).split())})") from None
     if "uri" not in names:
         raise InputError(
             f"input {input}: manifest has no 'uri' column (its columns: "
             f"{', '.join(names) or 'none'}); add a 'uri' column with one image path or URI "
             "per row")
-    if table is None:
-        table = pq.read_table(path, filesystem=fs, columns=[c for c in wanted if c in names])
-    return table
+    return names
+
+
+def _read_manifest_table(plan: InputPlan, fs: pafs.FileSystem) -> pa.Table:
+    """A whole manifest as `manifest_rows` takes it (`text`, or `uri` [+ `image_id`])."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    if plan.kind == "txt":
+        with fs.open_input_stream(plan.path) as stream:
+            raw = stream.read()
+        try:
+            lines = raw.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"input {plan.input}: manifest is not UTF-8 text "
+                             f"({exc.reason} at byte {exc.start})") from None
+        return pa.table({"text": pa.array(lines, pa.string())})
+    columns = manifest_columns(plan)
+    if plan.kind == "csv":
+        with fs.open_input_stream(plan.path) as stream:
+            return pcsv.read_csv(stream, convert_options=csv_convert_options(plan))
+    return pq.read_table(plan.path, filesystem=fs, columns=list(columns))
+
+
+def manifest_columns(plan: InputPlan) -> tuple[str, ...]:
+    """The columns of a csv/parquet manifest that are read."""
+    return ("uri", "image_id") if plan.has_image_id else ("uri",)
+
+
+def csv_convert_options(plan: InputPlan):
+    import pyarrow.csv as pcsv
+
+    columns = manifest_columns(plan)
+    return pcsv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                               include_columns=list(columns), strings_can_be_null=True)
+
+
+def manifest_rows(plan: InputPlan, table: pa.Table, first_row: int | None = None) -> pa.Table:
+    """Manifest rows (a block of them: `text` lines of a .txt, or `uri` [+ `image_id`] of a
+    .csv/.parquet) as `image_id` and `uri`: comments and blank lines dropped, the image_id
+    defaulting to the URI as written, relative URIs resolved against the manifest's folder.
+    `first_row` is the block's first row number in the file (for messages), if known."""
+    if "text" in table.column_names:
+        written = pc.utf8_trim_whitespace(pc.utf8_ltrim(table.column("text"), "\ufeff"))
+        keep = pc.and_(pc.not_equal(written, ""), pc.invert(pc.starts_with(written, "#")))
+        written = written.filter(keep)
+        image_ids = written
+    else:
+        written = pc.utf8_trim_whitespace(_as_string(table.column("uri")))
+        empty = pc.fill_null(pc.equal(written, ""), True)
+        if pc.any(empty).as_py():
+            row = pc.index(empty, True).as_py()
+            where = f"row {first_row + row + 1}" if first_row is not None else "a row"
+            raise InputError(f"input {plan.input}: {where} has an empty uri; every row "
+                             "needs the path or URI of one image")
+        image_ids = written
+        if "image_id" in table.column_names:
+            given = _as_string(table.column("image_id"))
+            image_ids = pc.if_else(pc.fill_null(pc.equal(given, ""), True), written, given)
+    uris, errors = _resolve_relative(written, plan.scheme, posixpath.dirname(plan.path))
+    return pa.table({"image_id": image_ids, "uri": uris, "error": errors}, schema=INPUT_SCHEMA)
 
 
 def _as_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -661,10 +768,12 @@ def _read_rows(file_uri: str, rows: list[int]) -> dict[int, bytes | ReadError]:
 
 # -- WebDataset shards -----------------------------------------------------------------------
 def _list_shards(input: str, fs: pafs.FileSystem, scheme: str, shards: list[str],
-                 base: str) -> pa.Table:
-    """One row per key of each shard: its one image member, located by offset and size."""
+                 base: str | None) -> pa.Table:
+    """One row per key of each shard: its one image member, located by offset and size.
+    image_id is the key for a single shard (`base` None), else `<shard relative to
+    base>/<key>`."""
     image_ids, uris = [], []
-    prefix = base.rstrip("/") + "/"
+    prefix = (base or "").rstrip("/") + "/"
     for shard in sorted(shards):
         shard_uri = to_uri(scheme, shard)
         name = shard[len(prefix):] if shard.startswith(prefix) else posixpath.basename(shard)
@@ -689,9 +798,9 @@ def _list_shards(input: str, fs: pafs.FileSystem, scheme: str, shards: list[str]
             raise InputError(f"input {input}: shard {shard_uri} is not a readable tar file "
                              f"({exc})") from None
         for key, (member, offset, size) in keys.items():
-            image_ids.append(key if len(shards) == 1 else f"{name}/{key}")
+            image_ids.append(key if base is None else f"{name}/{key}")
             uris.append(f"{shard_uri}#{member}@{offset}+{size}")
-    if not image_ids:
+    if not image_ids and base is None:  # a glob's listing unit may hold no shards
         raise InputError(f"input {input}: no image members in the shard(s); WebDataset "
                          f"shards hold <key>.<ext> members with ext one of "
                          f"{', '.join(IMAGE_EXTENSIONS)}")

@@ -82,8 +82,10 @@ class CliRun:
 
 
 class Head:
-    def __init__(self, url: str, token: str, process: subprocess.Popen, temp_dir: str) -> None:
+    def __init__(self, url: str, token: str, process: subprocess.Popen, temp_dir: str,
+                 gcs: int = 0) -> None:
         self.url, self.token, self.process, self.temp_dir = url, token, process, temp_dir
+        self.gcs = gcs  # the GCS port: the address worker nodes and drivers join
 
     def env(self, **extra: str) -> dict[str, str]:
         return {**_client_env(), "RAY_ADDRESS": self.url, "RAY_AUTH_TOKEN": self.token, **extra}
@@ -162,24 +164,28 @@ def head():
     sid = process.pid  # start_new_session: the session id is the leader's pid
     try:
         _wait_ready(url, token, process, log)
-        yield Head(url, token, process, temp_dir)
+        yield Head(url, token, process, temp_dir, gcs)
     finally:
-        # As `ray stop` does, but only for this head's session (its workers run in
-        # process groups of their own): SIGTERM to all, then SIGKILL to what is left.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = _session_pids(sid)
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 3
-            while pids and time.monotonic() < deadline:
-                time.sleep(0.2)
-                pids = _session_pids(sid)
+        _kill_session(sid)
         if process.poll() is None:
             process.wait(timeout=5)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_session(sid: int, signals: tuple = (signal.SIGTERM, signal.SIGKILL)) -> None:
+    """As `ray stop` does, but only for one `ray start` session (its workers run in process
+    groups of their own): SIGTERM to all, then SIGKILL to what is left."""
+    for sig in signals:
+        pids = _session_pids(sid)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 3
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = _session_pids(sid)
 
 
 def _images(folder: Path, count: int, size: tuple[int, int] = (48, 64)) -> Path:
@@ -301,6 +307,80 @@ def test_no_token_with_auth_disabled_says_what_to_set(head):
     result = head.cli("list", env=env)
     assert result.returncode == 1
     assert "wants a token and RAY_AUTH_MODE=disabled sends none" in result.stderr
+
+
+_LOOPBACK_RAY = ("import sys, ray._private.services as services\n"
+                 "services.resolve_ip_for_localhost = lambda host: host\n"
+                 "from ray.scripts.scripts import main\n"
+                 "sys.argv[0] = 'ray'\n"
+                 "main()\n")
+
+
+def _alive_nodes(head: Head) -> int:
+    import requests
+
+    reply = requests.get(f"{head.url}/nodes?view=summary", timeout=10,
+                         headers={"Authorization": f"Bearer {head.token}"})
+    if reply.status_code != 200:
+        return 0
+    return sum(1 for n in reply.json()["data"]["summary"] if n["raylet"]["state"] == "ALIVE")
+
+
+def test_two_nodes_a_worker_node_killed_mid_run_leaves_every_image_once(head, tmp_path):
+    """A second node joins the head (`ray start --address`, loopback); a run labels through
+    the cluster, every process of the worker node is SIGKILLed once rows are committed, and
+    the run (or, if it failed, its rerun) leaves every image exactly once."""
+    from tests.e2e.test_faults import assert_each_once, read_rows
+
+    images, out = _images(tmp_path / "in", 120), tmp_path / "out"
+    image_ids = sorted(p.name for p in images.iterdir())
+    ports = _free_ports(6)
+    # A second node on one machine is what Ray calls a multi-node cluster there: allowed
+    # explicitly. `ray start --address` rewrites a loopback address to the machine's
+    # outward address, where the head (bound to 127.0.0.1) does not listen; the wrapper
+    # keeps the node on loopback.
+    env = {**_client_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token}
+    with open(tmp_path / "worker.log", "w") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", _LOOPBACK_RAY, "start", "--block",
+             f"--address=127.0.0.1:{head.gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+             "--num-gpus=0", f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
+             f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
+             f"--runtime-env-agent-port={ports[4]}", f"--metrics-export-port={ports[5]}",
+             "--disable-usage-stats"],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    run_env = head.env(RAY_ADDRESS=f"127.0.0.1:{head.gcs}", RAY_AUTH_MODE="token")
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(images), str(out), *SMALL_JOB,
+               "--workers", "2", "--rows-per-file", "10"]
+    run = None
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while _alive_nodes(head) < 2 and time.monotonic() < deadline:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert _alive_nodes(head) == 2, (tmp_path / "worker.log").read_text()[-3000:]
+        with open(tmp_path / "run.log", "wb") as run_log:
+            run = subprocess.Popen(command, env=run_env, stdout=run_log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        deadline = time.monotonic() + 400
+        while not data_files(str(out)) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        _kill_session(worker.pid, (signal.SIGKILL,))  # every process of the worker node
+        worker.wait(timeout=10)
+        assert not _session_pids(worker.pid)
+        rc = run.wait(timeout=400)
+    finally:
+        if run is not None and run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        _kill_session(worker.pid)
+        if worker.poll() is None:
+            worker.wait(timeout=10)
+    if rc != 0:  # the run may fail with the node; its rerun finishes the job
+        again = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=400)
+        assert again.returncode == 0, (again.stderr[-3000:], (tmp_path / "run.log").read_text()[-3000:])
+    assert_each_once(read_rows(out), image_ids)
 
 
 # -- without a cluster ----------------------------------------------------------------------------

@@ -40,9 +40,8 @@ from pipeline.cli import cli
 from pipeline.store.output import LEASE_FILE, RUNS_DIR, SCHEMA, data_files
 from pipeline.errors import LeaseHeld
 from pipeline.job.run import run_job
-from pipeline.job.sink import LabelDatasink
-from pipeline.store.lease import (LEASE_TTL_S, LeaseLost, acquire_lease, heartbeat_lease,
-                                  lease_holder, release_lease, renew_lease)
+from pipeline.job.commit import ShardWriter
+from pipeline.store.lease import LEASE_TTL_S, LeaseLost, acquire_lease, lease_holder, renew_lease
 from pipeline.spec import JobSpec
 from tests.imagegen import scene
 from tests.modelkit import authors_checkpoint
@@ -227,11 +226,12 @@ def test_simultaneous_starts_one_wins(tmp_path):
     for attempt in range(3):
         barrier = threading.Barrier(4)
         outcome: dict[str, str] = {}
+        leases = {}
 
         def start(run_id: str) -> None:
             barrier.wait()
             try:
-                acquire_lease(output, run_id)
+                leases[run_id] = acquire_lease(output, run_id)
                 outcome[run_id] = "won"
             except LeaseHeld as exc:
                 outcome[run_id] = str(exc)
@@ -244,7 +244,7 @@ def test_simultaneous_starts_one_wins(tmp_path):
         winners = [r for r, o in outcome.items() if o == "won"]
         assert len(winners) == 1, outcome
         assert lease_holder(output) == winners[0]
-        release_lease(output, winners[0])
+        leases[winners[0]].release()
 
 
 def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, caplog):
@@ -270,19 +270,28 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, ca
 
 def test_a_run_that_lost_its_lease_commits_nothing(tmp_path):
     """A run whose heartbeat stalled past the TTL while another run took over must neither
-    overwrite the new lease nor commit more rows."""
+    overwrite the new lease, nor re-create it once released, nor commit more rows."""
     output = str(tmp_path / "out")
-    acquire_lease(output, "stalled-run")
+    stalled = acquire_lease(output, "stalled-run")
     renew_lease(output, "new-run")  # the other run took the expired lease
-    heartbeat_lease(output, "stalled-run")
+    writer = ShardWriter(output=output, run_id="stalled-run", generation=stalled.generation,
+                         shard=0, schema=SCHEMA, rows_per_file=1, commit_interval_s=60.0,
+                         done_refs=[], skip_status=("ok", "error"))
+    assert not stalled.renew()
     assert lease_holder(output) == "new-run"
-    sink = LabelDatasink(output, run_id="stalled-run", schema=SCHEMA, rows_per_file=10)
     row = {name: [None] for name in SCHEMA.names}
     row.update(image_id=["a.png"], uri=["a.png"], status=["error"], error=["x"], model=["m"],
                weights_sha256=["w"], run_id=["stalled-run"])
     with pytest.raises(LeaseLost, match="run stalled-run lost the lease on OUTPUT .* to run new-run"):
-        sink.write([pa.table(row, schema=SCHEMA)], None)
-    assert data_files(output) == []
+        writer.add(pa.table(row, schema=SCHEMA))
+    with pytest.raises(LeaseLost):  # and it stays lost
+        writer.add(pa.table(row, schema=SCHEMA))
+    assert data_files(output) == [] and writer.finish()["files"] == []
+    # The new run finishes and removes its lease: the stalled run does not bring it back.
+    os.unlink(tmp_path / "out" / LEASE_FILE)
+    assert not stalled.renew() and not (tmp_path / "out" / LEASE_FILE).exists()
+    stalled.release()
+    assert not (tmp_path / "out" / LEASE_FILE).exists()
 
 
 def test_second_run_is_refused_while_the_first_holds_the_lease(ray_session, images, tmp_path,
@@ -331,10 +340,10 @@ def test_second_run_is_refused_while_the_first_holds_the_lease(ray_session, imag
 
 
 # -- reconciling rows that replace others ---------------------------------------------------
-def test_rows_left_twice_by_a_killed_retry_are_reconciled_by_the_next_run(tmp_path):
+def test_rows_left_twice_by_a_killed_retry_are_reconciled_by_the_next_run(ray_session, tmp_path):
     """A --retry-errors run killed after committing its new rows, before removing the old
     error rows, leaves two rows for an image; the next run (here with nothing left to
-    label, so no Ray) keeps one: ok over error, else the newest."""
+    label) keeps one: ok over error, else the newest."""
     from datetime import datetime, timezone
 
     from pipeline.store.output import schema_with_metadata

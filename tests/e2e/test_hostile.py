@@ -70,7 +70,7 @@ def test_nested_outputs_and_foreign_files_are_left_alone(ray_session, cli_runner
 
     res = label(cli_runner, images, out)
     assert res.exit_code == 0, res.output
-    assert "4 inputs, 0 already labelled, 4 to label" in res.output  # v1's rows are not its own
+    assert "4 ok, 0 errors, 0 already labelled (of 4 inputs)" in res.output  # v1's rows are not its own
     assert "holds 4 Parquet file(s) drn-label did not write there" in res.output
     res = label(cli_runner, images, out, "--overwrite")
     assert res.exit_code == 0, res.output
