@@ -29,7 +29,7 @@ from pipeline.spec import JobSpec
 from pipeline.store.fs import resolve, write_bytes_atomic
 from pipeline.store.lease import (LeaseLost, acquire_lease, heartbeat_lease, lease_holder,
                                   release_lease)
-from pipeline.store.output import (PROGRESS_FILE, RUNS_DIR, OutputMetadata, foreign_files,
+from pipeline.store.output import (PROBS_STRIDE, PROGRESS_FILE, RUNS_DIR, OutputMetadata, foreign_files,
                                    schema_with_metadata)
 from pipeline.store.reconcile import (clean_tmp, drop_replaced_rows, existing_rows, has_duplicates,
                                       remove_identity_rows)
@@ -162,7 +162,8 @@ def build_dataset(spec: JobSpec, todo: pa.Table, meta: OutputMetadata, run_id: s
                            batch_size=spec.batch_size, torch_threads=default_torch_threads(spec),
                            size_bucket=spec.size_bucket,
                            tta_scales=spec.tta_scales if spec.tta else None,
-                           tta_flip=spec.tta and spec.tta_flip)
+                           tta_flip=spec.tta and spec.tta_flip,
+                           probs_stride=PROBS_STRIDE if spec.save_probs else None)
     ds = ds.map_batches(PredictActor, batch_format="pyarrow", batch_size=spec.batch_size,
                         compute=ActorPoolStrategy(size=spec.workers),
                         fn_constructor_args=(model_spec, progress), num_cpus=spec.cpus_per_worker,
