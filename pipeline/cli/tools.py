@@ -117,7 +117,7 @@ def select(output: str, strategy: str, limit: int, out: Path, seed: int, model: 
 
 @click.command("compare")
 @click.argument("output")
-@click.option("--a", "a", required=True, help="Model identity A: weights sha256 (or a unique prefix), "
+@click.option("--a", "a", required=True, help="Model identity A: a checkpoint file, weights sha256 (or a unique prefix), "
                                                "a model name, or MODEL@SHA.")
 @click.option("--b", "b", required=True, help="Model identity B, the same way.")
 @click.option("--top", type=click.IntRange(min=0), default=20, help="How many of the most changed images to list.")

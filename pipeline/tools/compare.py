@@ -73,8 +73,13 @@ def mask_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def parse_identity(output: str, text: str) -> OutputMetadata:
-    """An identity as ``--a``/``--b`` give it: a weights sha256 (or unique prefix), a model
-    name, or ``MODEL@SHA``; resolved by `select_identity`."""
+    """An identity as ``--a``/``--b`` give it: a checkpoint file (its sha256 is the rows'
+    weights_sha256), a weights sha256 (or unique prefix), a model name, or ``MODEL@SHA``;
+    resolved by `select_identity`."""
+    if Path(text).is_file():
+        from drn.checkpoints import sha256_file
+
+        return select_identity(output, weights_sha256=sha256_file(Path(text)))
     if "@" in text:
         model, sha = text.split("@", 1)
         return select_identity(output, model=model or None, weights_sha256=sha or None)
