@@ -237,7 +237,9 @@ class Predictor:
         probs_host = None
         if self.probs_stride:
             stride = self.probs_stride
-            small = torch.nn.functional.adaptive_avg_pool2d(probs, (-(-h // stride), -(-w // stride)))
+            # Blocks aligned to the top-left corner; the last row/column of blocks may be
+            # partial (its mean is over the pixels it holds).
+            small = torch.nn.functional.avg_pool2d(probs, stride, stride, ceil_mode=True)
             probs_host = (small * 255).round_().to(torch.uint8).cpu().numpy()
         return [
             Prediction(mask_host[i], scores_host[i], fraction_host[i], float(floats[i, 0]),
