@@ -184,6 +184,10 @@ def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
     t_start = time.time()
     output = spec.output.rstrip("/") if "://" in spec.output else os.path.abspath(spec.output)
     spec = spec.replace(output=output)
+    for key in ("weights", "classes"):  # predict actors may run in another working directory
+        value = getattr(spec, key)
+        if value and "://" not in value and os.path.isfile(value):
+            spec = spec.replace(**{key: os.path.abspath(value)})
     run_id = new_run_id()
 
     check_output(output)

@@ -523,7 +523,7 @@ def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, 
                 continue
             loss = F.cross_entropy(logits, targets, ignore_index=label_set.ignore_index)
             if not torch.isfinite(loss):
-                raise DivergedError(f"epoch {epoch + 1}: the loss is {float(loss)} at lr {current_lr:g}; "
+                raise DivergedError(f"epoch {epoch + 1}: the loss is {loss.item()} at lr {current_lr:g}; "
                                     "lower --lr", lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
