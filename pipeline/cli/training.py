@@ -40,7 +40,7 @@ def synth(directory: Path, count: int, size: int, seed: int, num_classes: int) -
                    "lower default --lr), or the authors' ImageNet or DRNSeg checkpoints.")
 @click.option("--classes", default=None, help="Preset or classes file when DATA has no classes.json.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Learning rate [default: 0.05 x batch/8 from scratch, a fifth of it with a "
+              help="Learning rate [default: 0.05 x batch/8 from scratch, half of it with a "
                    "same-classes --init; quartered and restarted if the loss diverges].")
 @click.option("--scale-range", default="0.5,1.5", show_default=True,
               help="Random scale augmentation, MIN,MAX (the authors used 0.5,2 on large images).")
@@ -49,7 +49,8 @@ def synth(directory: Path, count: int, size: int, seed: int, num_classes: int) -
 @click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
               help="Share of DATA held out for validation when --val is not given (0: none, keep the last epoch).")
 @click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Stop after this many epochs without a better validation mIoU (0: never).")
+              help="In the second half of --epochs, stop after this many epochs without a better "
+                   "validation mIoU (0: never).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--restart", is_flag=True, help="Start over instead of resuming from OUT's training state.")

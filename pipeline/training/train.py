@@ -23,12 +23,15 @@ get a good model):
   chosen by ``seed``) are held out and scored (mIoU at full size) after every epoch.
 - **Best epoch kept**: ``out`` holds the weights of the epoch with the best validation
   mIoU, not the last one.
-- **Early stop**: training ends when validation mIoU has not improved for ``patience``
-  epochs, so ``epochs`` is a ceiling rather than a guess.
+- **Early stop**: in the second half of the schedule, training ends when validation mIoU
+  has not improved for ``patience`` epochs, so ``epochs`` is a ceiling rather than a
+  guess. Not in the first half: a model trained on few images often predicts only the
+  commonest class for several epochs (a flat validation mIoU while the loss falls), and
+  the poly schedule's rate is still high there.
 - **Learning rate**: ``lr=None`` picks one: 0.05 for batch 8 from scratch, scaled
-  linearly with the batch size (the linear scaling rule), and a fifth of that when
+  linearly with the batch size (the linear scaling rule), and half of that when
   fine-tuning a segmentation checkpoint of the same classes (``init``), which already
-  sits near a good minimum. If the loss turns non-finite the run restarts from its
+  sits nearer a good minimum. If the loss turns non-finite the run restarts from its
   initial weights with a quarter of the rate (twice at most).
 
 Files: ``out`` is the project's checkpoint (``drn.save_checkpoint``, with the label set),
@@ -66,7 +69,7 @@ STATE_FORMAT = "drn-label-train/1"
 HEAD_INIT_STD = 0.01
 BASE_LR = 0.05
 """Learning rate for batch 8 from scratch; measured in docs/labelling-loop.md and the README."""
-FINE_TUNE_LR_FACTOR = 0.2
+FINE_TUNE_LR_FACTOR = 0.5
 MIN_SPLIT_IMAGES = 10
 """Below this many images no validation split is held out (every image is needed to train)."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -545,7 +548,8 @@ def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, 
         if improved:
             best_epoch = stats.epoch
         stale = stats.epoch - best_epoch
-        stopped_early = patience is not None and val_miou is not None and stale >= patience
+        stopped_early = (patience is not None and val_miou is not None and stale >= patience
+                         and stats.epoch >= epochs // 2)
         finished = epoch + 1 == epochs or stopped_early
         _save(model, optimizer, out, state_file, label_set, arch, settings, stats.epoch, iteration,
               history, finished, best=improved, best_epoch=best_epoch, stopped_early=stopped_early)

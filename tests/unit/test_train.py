@@ -174,7 +174,7 @@ def test_validation_split_and_learning_rate_defaults():
     assert split_validation(pairs[:9], 0.1, seed=0) == (pairs[:9], [])  # too few to spare any
     assert split_validation(pairs, 0.0, seed=0) == (pairs, [])
     assert pick_lr(8, fine_tune=False) == BASE_LR and pick_lr(16, fine_tune=False) == 2 * BASE_LR
-    assert pick_lr(8, fine_tune=True) == pytest.approx(BASE_LR / 5)
+    assert pick_lr(8, fine_tune=True) == pytest.approx(BASE_LR / 2)
 
 
 def test_best_epoch_is_kept_and_training_stops_when_validation_stalls(tmp_path):
@@ -188,7 +188,7 @@ def test_best_epoch_is_kept_and_training_stops_when_validation_stalls(tmp_path):
     lines: list[str] = []
     result = train(data, arch="drn_d_22", out=out, epochs=8, batch_size=8, size=32, lr=1e-12,
                    patience=1, log=lines.append)
-    assert result.stopped_early and result.epochs < 8
+    assert result.stopped_early and 4 <= result.epochs < 8  # never in the first half
     assert result.history[-1].epoch - result.best_epoch == 1
     assert result.best_miou == max(h.val_miou for h in result.history)
     assert any(line.startswith("no better validation mIoU for 1 epochs: stopped") for line in lines)
