@@ -14,6 +14,7 @@ import torch
 
 from pipeline.cli import cli
 from pipeline.store.output import MASK_TYPE, data_files, decode_mask, encode_mask
+from pipeline.store.reader import read_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -98,7 +99,7 @@ def test_trained_model_labels_held_out_images_correctly(trained):
     tta = label_and_score(runner, root / "val" / "images", root / "out-tta", ckpt, root / "val",
                           "--tta", "--tta-scales", "0.75,1,1.25", "--tta-flip")
     assert tta["miou"] >= 0.85, tta
-    record = json.loads(next((root / "out-tta" / "_runs").glob("*.json")).read_text())
+    (record,) = read_runs(str(root / "out-tta"))
     assert record["spec"]["tta"] is True and record["spec"]["tta_scales"] == [0.75, 1.0, 1.25]
     print(f"mIoU plain {scores['miou']:.4f}, TTA {tta['miou']:.4f}, "
           f"R<->B swapped {swap_scores['miou']:.4f}, shifted 4px {shift_scores['miou']:.4f}")
