@@ -6,8 +6,14 @@ Plain PyTorch (no Ray, no I/O), so it runs and is benchmarked on a GPU machine a
   its batch (padding a small image onto a larger canvas would change a DRN's output near
   the edges). The model itself pads each batch to a multiple of 8 and crops back.
 - Normalisation, softmax, the statistics and the arg-max run on the device; only the
-  mask (``drn.labels.mask_dtype``: uint8, or uint16 above 256 classes) and C floats per
-  image come back.
+  mask (``drn.labels.mask_dtype``: uint8, or uint16 above 256 classes), C floats and three
+  uncertainty figures per image come back (mean per-pixel entropy in nats, mean margin
+  between the two most probable classes, share of pixels whose top probability is below
+  0.5): the figures a labelling team sorts by to pick what people should check.
+- ``probs_stride=S`` (opt-in) also brings back the class probabilities, averaged over
+  S x S pixel blocks and quantised to uint8 (value / 255) on the device: C x ceil(H/S) x
+  ceil(W/S) bytes. S = 8 is the model's own output stride (DRN computes its logits at 1/8
+  resolution and up-samples them bilinearly), so little is lost at a 64th of the size.
 - Out of memory: the batch is split in halves and retried; an image that alone does not
   fit becomes a failed `Prediction` naming the memory it needed.
 - Collections where nearly every image has its own size (web crawls) batch poorly by
@@ -46,6 +52,10 @@ class Prediction:
     class_fraction: np.ndarray | None  # float32, length C, the mask's histogram / pixels
     confidence: float | None  # mean over pixels of the top softmax probability
     error: str | None = None
+    entropy: float | None = None  # mean over pixels of -sum(p log p), in nats (0 .. ln C)
+    margin: float | None = None  # mean over pixels of top-1 minus top-2 probability
+    uncertain_fraction: float | None = None  # share of pixels whose top probability < 0.5
+    probs: np.ndarray | None = None  # uint8 C x h x w (probability * 255), with probs_stride
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -80,6 +90,7 @@ class Predictor:
         size_bucket: int | None = None,
         tta_scales: Sequence[float] | None = None,
         tta_flip: bool = False,
+        probs_stride: int | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -96,6 +107,9 @@ class Predictor:
             raise ValueError(f"tta_scales must be positive numbers, got {list(tta_scales)}")
         self.tta_scales = tuple(float(s) for s in tta_scales) if tta_scales else None
         self.tta_flip = bool(tta_flip)
+        if probs_stride is not None and probs_stride < 1:
+            raise ValueError(f"probs_stride must be at least 1 pixel, got {probs_stride}")
+        self.probs_stride = probs_stride
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         model = model.eval().to(self.device)
         if self.channels_last:
@@ -196,13 +210,20 @@ class Predictor:
         return total / count
 
     def _statistics(self, logits: torch.Tensor) -> list[Prediction]:
-        """Softmax statistics and arg-max on the device; only masks and C floats come back."""
+        """Softmax statistics, uncertainty and arg-max on the device; only masks, a few
+        floats per image (and, when asked, block-averaged uint8 probabilities) come back."""
         n, c, h, w = logits.shape
         probs = torch.softmax(logits, dim=1)
         class_scores = probs.mean(dim=(2, 3))
-        top = probs.max(dim=1)
-        confidence = top.values.mean(dim=(1, 2))
-        mask = top.indices  # N x H x W, int64
+        best = probs.max(dim=1)  # the mask's arg-max (the same tie-breaking as before v2)
+        top = best.values
+        confidence = top.mean(dim=(1, 2))
+        second = probs.topk(2, dim=1).values[:, 1] if c > 1 else torch.zeros_like(top)
+        margin = (top - second).mean(dim=(1, 2))
+        uncertain = (top < 0.5).float().mean(dim=(1, 2))
+        # -sum p log p from the log-probabilities (stable where p underflows to 0).
+        entropy = -(probs * torch.log_softmax(logits, dim=1)).sum(dim=1).mean(dim=(1, 2))
+        mask = best.indices  # N x H x W, int64
         offsets = torch.arange(n, device=mask.device).view(n, 1, 1) * c
         counts = torch.bincount((mask + offsets).reshape(-1), minlength=n * c).view(n, c)
         class_fraction = counts.float() / float(h * w)
@@ -210,11 +231,21 @@ class Predictor:
         # uint8 travels as is; a uint16 mask as int32 (torch's uint16 support is partial).
         mask_host = mask.to(torch.uint8 if dtype == np.uint8 else torch.int32).cpu().numpy()
         mask_host = mask_host.astype(dtype, copy=False)
+        floats = torch.stack([confidence, entropy, margin, uncertain], dim=1).cpu().numpy()
         scores_host = class_scores.cpu().numpy().astype(np.float32)
         fraction_host = class_fraction.cpu().numpy().astype(np.float32)
-        conf_host = confidence.cpu().numpy().astype(np.float32)
+        probs_host = None
+        if self.probs_stride:
+            stride = self.probs_stride
+            # Blocks aligned to the top-left corner; the last row/column of blocks may be
+            # partial (its mean is over the pixels it holds).
+            small = torch.nn.functional.avg_pool2d(probs, stride, stride, ceil_mode=True)
+            probs_host = (small * 255).round_().to(torch.uint8).cpu().numpy()
         return [
-            Prediction(mask_host[i], scores_host[i], fraction_host[i], float(conf_host[i]))
+            Prediction(mask_host[i], scores_host[i], fraction_host[i], float(floats[i, 0]),
+                       entropy=float(floats[i, 1]), margin=float(floats[i, 2]),
+                       uncertain_fraction=float(floats[i, 3]),
+                       probs=None if probs_host is None else probs_host[i])
             for i in range(n)
         ]
 

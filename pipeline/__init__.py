@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["read_masks", "decode_mask"]
+__all__ = ["read_masks", "decode_mask", "read_probs", "decode_probs"]
 
-_EXPORTS = {"read_masks": "pipeline.store.reader", "decode_mask": "pipeline.store.output"}
+_EXPORTS = {"read_masks": "pipeline.store.reader", "decode_mask": "pipeline.store.output",
+            "read_probs": "pipeline.store.reader", "decode_probs": "pipeline.store.output"}
 
 
 def __getattr__(name: str) -> Any:

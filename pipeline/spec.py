@@ -161,6 +161,8 @@ class JobSpec:
     tta_scales: tuple[float, ...] = key((0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
                                         "Comma-separated scales for --tta.", min=0, min_open=True)
     tta_flip: bool = key(False, "With --tta, also average a horizontal flip.")
+    save_probs: bool = key(False, "Also store per-pixel class probabilities in the probs column "
+                                  "(uint8, averaged over 8 x 8 pixel blocks; docs/output.md).")
     precision: str = key("fp32", "Inference precision.", choices=PRECISIONS)
     retries: int = key(3, "Retries of transient read failures per image.", min=0)
     max_bytes: int = key(256 << 20, "Largest image file read, in bytes; larger files become error rows.",

@@ -166,3 +166,23 @@ def test_from_model_uses_the_label_set_statistics(model):
     assert torch.allclose(default._mean.flatten(), torch.tensor(IMAGENET_MEAN) * 255)
     bare = Predictor.from_model(torch.nn.Conv2d(3, 2, 1), device="cpu")  # not from create_model
     assert torch.allclose(bare._std.flatten(), torch.tensor(IMAGENET_STD) * 255)
+
+
+def test_uncertainty_and_saved_probabilities_match_the_softmax(model):
+    """Entropy, margin, the share of unsure pixels and the block-averaged probabilities,
+    computed on the device, equal the same figures computed here from the logits."""
+    rgb = scene(37, 53, 4)
+    (p,) = Predictor(model, mean=MEAN, std=STD, probs_stride=8).predict([rgb])
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float().unsqueeze(0) / 255.0
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        probs = torch.softmax(model(x), dim=1)[0].numpy().astype(np.float64)
+    ordered = np.sort(probs, axis=0)
+    assert p.entropy == pytest.approx(float((-(probs * np.log(probs)).sum(0)).mean()), rel=1e-4)
+    assert p.margin == pytest.approx(float((ordered[-1] - ordered[-2]).mean()), rel=1e-4)
+    assert p.uncertain_fraction == pytest.approx(float((ordered[-1] < 0.5).mean()), abs=1e-6)
+    assert 0 < p.uncertain_fraction < 1, "the scene must have sure and unsure pixels to test this"
+    assert p.probs.dtype == np.uint8 and p.probs.shape == (5, 5, 7)  # ceil(37/8), ceil(53/8)
+    block = probs[:, 8:16, 16:24].mean(axis=(1, 2))
+    np.testing.assert_allclose(p.probs[:, 1, 2] / 255.0, block, atol=0.5 / 255 + 1e-6)
+    assert Predictor(model, mean=MEAN, std=STD).predict([rgb])[0].probs is None  # opt-in

@@ -34,12 +34,15 @@ COMMANDS = {
     "list": "pipeline.cli.jobs:list_jobs",
     "schedule": "pipeline.cli.schedule:schedule",
     "export": "pipeline.cli.tools:export",
+    "select": "pipeline.cli.tools:select",
+    "compare": "pipeline.cli.tools:compare",
     "report": "pipeline.cli.tools:report",
     "push": "pipeline.cli.tools:push",
     "bench": "pipeline.cli.tools:bench",
     "demo": "pipeline.cli.tools:demo",
     "synth": "pipeline.cli.training:synth",
     "train": "pipeline.cli.training:train",
+    "import": "pipeline.cli.training:import_command",
     "eval": "pipeline.cli.training:eval_command",
 }
 

@@ -112,10 +112,19 @@ def spec_from_cli(input_: str | None, output: str | None, job: Path | None,
     return specmod.merge(base, overrides).validate()
 
 
+def checkpoint_sha256(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A checkpoint file stands for its sha256 (what the rows it labelled carry)."""
+    if value is not None and Path(value).is_file():
+        from drn.checkpoints import sha256_file
+
+        return sha256_file(Path(value))
+    return value
+
+
 def identity_options(f: Callable) -> Callable:
     """--model / --weights-sha256: which model identity's rows a command reads."""
-    f = click.option("--weights-sha256", default=None,
-                     help="Rows of the checkpoint with this sha256 (or a unique prefix of it), "
-                          "when OUTPUT holds several.")(f)
+    f = click.option("--weights-sha256", default=None, callback=checkpoint_sha256,
+                     help="Rows of the checkpoint with this sha256 (or a unique prefix of it, or "
+                          "the checkpoint file itself), when OUTPUT holds several.")(f)
     return click.option("--model", default=None,
                         help="Rows of this architecture, when OUTPUT holds several.")(f)

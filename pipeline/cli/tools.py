@@ -14,12 +14,16 @@ from pipeline.cli.options import identity_options
               help="The HTML file to write (self-contained: images and charts inlined).")
 @click.option("--limit", type=click.IntRange(min=0), default=50, help="Gallery size: the N least confident images.")
 @identity_options
-def report(output: str, html_path: Path, limit: int, model: str | None, weights_sha256: str | None) -> None:
+@click.option("--compare-to", default=None,
+              help="Add a section comparing with another model identity of OUTPUT (as `compare --b`).")
+def report(output: str, html_path: Path, limit: int, model: str | None, weights_sha256: str | None,
+           compare_to: str | None) -> None:
     """Write a self-contained HTML report of OUTPUT: run summary, class frequency,
     confidence histogram, the least confident images with their masks, and errors."""
     from pipeline.tools.report import write_report
 
-    result = write_report(output, html_path, limit=limit, model=model, weights_sha256=weights_sha256)
+    result = write_report(output, html_path, limit=limit, model=model, weights_sha256=weights_sha256,
+                          compare_to=compare_to)
     click.echo(f"report of {result.rows} rows ({result.ok} ok, {result.errors} errors), "
                f"{result.gallery} images in the gallery: {result.path}")
 
@@ -41,8 +45,12 @@ def report(output: str, html_path: Path, limit: int, model: str | None, weights_
 @click.option("--to-name", default="image", help="label-studio: the Image tag name.")
 @click.option("--url-prefix", default=None,
               help="label-studio: data.image = this prefix + image id [default: the row's uri].")
+@click.option("--ids", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Only these images: a manifest of image ids (.txt, .csv or .parquet, as "
+                   "`drn-label select` writes).")
 def export(output: str, fmt: str, out: Path, colour: bool, polygons: bool, model: str | None,
-           weights_sha256: str | None, from_name: str, to_name: str, url_prefix: str | None) -> None:
+           weights_sha256: str | None, from_name: str, to_name: str, url_prefix: str | None,
+           ids: Path | None) -> None:
     """Export OUTPUT's masks for labelling tools: PNG folder, COCO JSON, YOLO labels, CVAT zip,
     or Label Studio tasks.
 
@@ -52,7 +60,7 @@ def export(output: str, fmt: str, out: Path, colour: bool, polygons: bool, model
 
     result = engine.export(output, fmt, out, colour=colour, model=model, weights_sha256=weights_sha256,
                            from_name=from_name, to_name=to_name, url_prefix=url_prefix,
-                           polygons=polygons)
+                           polygons=polygons, ids=ids)
     click.echo(result.summary())
     if fmt == "label-studio":
         click.echo(f"labelling config: {engine.config_path(out)}")
@@ -117,3 +125,43 @@ def push(output: str, url: str, project: int, token: str, model: str | None,
                                weights_sha256=weights_sha256, from_name=from_name,
                                to_name=to_name, url_prefix=url_prefix)
     click.echo(result.summary())
+
+
+@click.command("select")
+@click.argument("output")
+@click.option("--strategy", type=click.Choice(("least-confident", "entropy", "margin", "random",
+                                                "class-balanced")),
+              default="least-confident", help="How to rank the images (docs/labelling-loop.md).")
+@click.option("--limit", type=click.IntRange(min=1), required=True, help="How many images to pick.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The manifest to write: .txt (one image id a line), .csv or .parquet.")
+@click.option("--seed", type=int, default=0, help="random: which sample.")
+@identity_options
+def select(output: str, strategy: str, limit: int, out: Path, seed: int, model: str | None,
+           weights_sha256: str | None) -> None:
+    """Pick the images people should check, most useful first, as a manifest of image ids
+    that `export --ids` takes."""
+    from pipeline.tools.select import select as engine
+
+    result = engine(output, strategy, limit, out, model=model, weights_sha256=weights_sha256, seed=seed)
+    click.echo(result.summary())
+
+
+@click.command("compare")
+@click.argument("output")
+@click.option("--a", "a", required=True, help="Model identity A: a checkpoint file, weights sha256 (or a unique prefix), "
+                                               "a model name, or MODEL@SHA.")
+@click.option("--b", "b", required=True, help="Model identity B, the same way.")
+@click.option("--top", type=click.IntRange(min=0), default=20, help="How many of the most changed images to list.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write every image's agreement (.csv or .parquet).")
+def compare(output: str, a: str, b: str, top: int, out: Path | None) -> None:
+    """Per-image agreement between two model identities' masks in OUTPUT (pixel agreement,
+    mean IoU between the masks) and the images that changed most."""
+    from pipeline.tools.compare import compare as engine
+
+    result = engine(output, a, b, top=top, out=out)
+    for line in result.lines():
+        click.echo(line)
+    if out is not None:
+        click.echo(f"wrote {out}")

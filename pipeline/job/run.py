@@ -29,7 +29,7 @@ from pipeline.job.stages import ModelSpec, RowIdentity
 from pipeline.spec import JobSpec
 from pipeline.store.fs import resolve, write_bytes_atomic
 from pipeline.store.lease import Lease, LeaseLost, acquire_lease
-from pipeline.store.output import (PROGRESS_FILE, RUNS_DIR, OutputMetadata, data_files,
+from pipeline.store.output import (PROBS_STRIDE, PROGRESS_FILE, RUNS_DIR, OutputMetadata, data_files,
                                    foreign_files, schema_with_metadata)
 from pipeline.store.reconcile import clean_tmp, drop_replaced_rows, remove_identity_rows
 from pipeline.store.sources import InputError, InputPlan, no_inputs_error, plan_inputs
@@ -201,7 +201,8 @@ def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: 
                            batch_size=spec.batch_size, torch_threads=default_torch_threads(spec),
                            size_bucket=spec.size_bucket,
                            tta_scales=spec.tta_scales if spec.tta else None,
-                           tta_flip=spec.tta and spec.tta_flip)
+                           tta_flip=spec.tta and spec.tta_flip,
+                           probs_stride=PROBS_STRIDE if spec.save_probs else None)
     ds = ds.map_batches(PredictActor, batch_format="pyarrow", batch_size=spec.batch_size,
                         compute=actor_pool(spec),
                         fn_constructor_args=(model_spec, progress), num_cpus=spec.cpus_per_worker,
@@ -224,6 +225,10 @@ def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
     t_start = time.time()
     output = spec.output.rstrip("/") if "://" in spec.output else os.path.abspath(spec.output)
     spec = spec.replace(output=output)
+    for key in ("weights", "classes"):  # predict actors may run in another working directory
+        value = getattr(spec, key)
+        if value and "://" not in value and os.path.isfile(value):
+            spec = spec.replace(**{key: os.path.abspath(value)})
     run_id = new_run_id()
 
     check_output(output)

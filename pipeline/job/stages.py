@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.store.decode import DEFAULT_MAX_PIXELS
-from pipeline.store.output import SCHEMA, class_fraction_of, encode_mask, mask_dtype
+from pipeline.store.output import (PROBS_TYPE, SCHEMA, UNCERTAINTY_COLUMNS, class_fraction_of,
+                                   encode_mask, encode_probs, mask_dtype)
 from pipeline.store.sources import DEFAULT_MAX_BYTES
 
 # Columns between decode and predict: the source size, the inference size, raw RGB bytes.
@@ -24,13 +25,15 @@ DECODED = pa.schema([
     ("error", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
     ("in_height", pa.int32()), ("in_width", pa.int32()), ("pixels", pa.large_binary()),
 ])
-# Columns between predict and encode: the raw mask at inference size and C floats.
+# Columns between predict and encode: the raw mask at inference size, C floats, the
+# uncertainty figures and (with --save-probs) the quantised probabilities.
 PREDICTED = pa.schema([
     ("image_id", pa.string()), ("uri", pa.string()), ("status", pa.string()),
     ("error", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
     ("mask_raw", pa.large_binary()), ("mask_height", pa.int32()), ("mask_width", pa.int32()),
     ("class_scores", pa.list_(pa.float32())), ("class_fraction", pa.list_(pa.float32())),
-    ("confidence", pa.float32()),
+    ("confidence", pa.float32()), ("entropy", pa.float32()), ("margin", pa.float32()),
+    ("uncertain_fraction", pa.float32()), ("probs", PROBS_TYPE),
 ])
 
 
@@ -90,6 +93,7 @@ class ModelSpec:
     size_bucket: int | None = None
     tta_scales: tuple[float, ...] | None = None  # None: no test-time augmentation
     tta_flip: bool = False
+    probs_stride: int | None = None  # None: no probabilities leave the device
 
     def build(self):
         import drn
@@ -116,7 +120,8 @@ class PredictActor:
         self.predictor = Predictor.from_model(model, device=spec.device, precision=spec.precision,
                                               batch_size=spec.batch_size,
                                               size_bucket=spec.size_bucket,
-                                              tta_scales=spec.tta_scales, tta_flip=spec.tta_flip)
+                                              tta_scales=spec.tta_scales, tta_flip=spec.tta_flip,
+                                              probs_stride=spec.probs_stride)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pydict()
@@ -139,6 +144,10 @@ class PredictActor:
             out["class_scores"][i] = pred.class_scores.tolist()
             out["class_fraction"][i] = pred.class_fraction.tolist()
             out["confidence"][i] = pred.confidence
+            for name in UNCERTAINTY_COLUMNS:
+                out[name][i] = getattr(pred, name)
+            if pred.probs is not None:
+                out["probs"][i] = encode_probs(pred.probs)
         table = pa.table(out, schema=PREDICTED)
         report_progress(self.progress, table)
         return table
@@ -155,7 +164,7 @@ class RowIdentity:
 
 
 def encode_batch(batch: pa.Table, *, identity: RowIdentity) -> pa.Table:
-    """Masks to PNG at the source size; the final output rows (schema version 1)."""
+    """Masks to PNG at the source size; the final output rows (`SCHEMA`)."""
     from pipeline.store.decode import resize_mask
 
     rows = batch.to_pydict()
@@ -185,6 +194,8 @@ def encode_batch(batch: pa.Table, *, identity: RowIdentity) -> pa.Table:
         "class_scores": [s if st == "ok" else None for s, st in zip(rows["class_scores"], status)],
         "class_fraction": [f if st == "ok" else None for f, st in zip(fractions, status)],
         "confidence": [c if st == "ok" else None for c, st in zip(rows["confidence"], status)],
+        **{name: [v if st == "ok" else None for v, st in zip(rows[name], status)]
+           for name in (*UNCERTAINTY_COLUMNS, "probs")},
         "model": [identity.model] * n, "weights_sha256": [identity.weights_sha256] * n,
         "run_id": [identity.run_id] * n, "labelled_at": [now] * n,
     }, schema=SCHEMA)

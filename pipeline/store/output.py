@@ -1,4 +1,4 @@
-"""The output contract (schema version 1): layout, Parquet columns, file metadata, mask PNGs.
+"""The output contract (schema version 2): layout, Parquet columns, file metadata, mask PNGs.
 
 Everything that reads or writes OUTPUT goes through here, so the contract has one home.
 
@@ -14,6 +14,11 @@ Hugging Face ``datasets`` require. ``OUTPUT`` itself also reads in pandas, pyarr
 DuckDB (``_``-prefixed names are skipped). Outputs of the earlier flat layout
 (``OUTPUT/part-*.parquet``, ``OUTPUT/_progress.json``, ``OUTPUT/_runs/``) read and resume
 as they are; new files go to the new places.
+
+Version 2 adds, after ``confidence``, the per-image uncertainty (``entropy``, ``margin``,
+``uncertain_fraction``) and ``probs`` (class probabilities, only with ``--save-probs``).
+The change is additive: readers open every file with `SCHEMA`, and Arrow fills the
+columns a version-1 file lacks with nulls, so version-1 outputs still read and resume.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import pyarrow as pa
 
 from drn.labels import mask_dtype  # noqa: F401 - part of the contract: 8-bit up to 256 classes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 METADATA_KEY = b"drn_label"
 DATA_DIR = "data"
 STATE_DIR = "_state"
@@ -41,6 +46,11 @@ DATA_FILE_RE = re.compile(r"^part-[A-Za-z0-9_.-]+\.parquet$")
 as rows, rewritten or deleted."""
 
 MASK_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+PROBS_TYPE = pa.struct([("bytes", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])
+"""``--save-probs``: C x height x width uint8 bytes, class-major, value = probability * 255,
+each value the mean over one PROBS_STRIDE x PROBS_STRIDE block of the inference-size image."""
+PROBS_STRIDE = 8
+UNCERTAINTY_COLUMNS = ("entropy", "margin", "uncertain_fraction")
 
 SCHEMA = pa.schema(
     [
@@ -54,6 +64,10 @@ SCHEMA = pa.schema(
         ("class_scores", pa.list_(pa.float32())),
         ("class_fraction", pa.list_(pa.float32())),
         ("confidence", pa.float32()),
+        ("entropy", pa.float32()),
+        ("margin", pa.float32()),
+        ("uncertain_fraction", pa.float32()),
+        ("probs", PROBS_TYPE),
         ("model", pa.string()),
         ("weights_sha256", pa.string()),
         ("run_id", pa.string()),
@@ -175,6 +189,37 @@ def decode_mask(data: bytes | dict | None) -> np.ndarray | None:
     if arr is None:
         raise ValueError("mask cell is not a PNG image")
     return arr
+
+
+def encode_probs(probs: np.ndarray) -> dict:
+    """A ``probs`` cell from uint8 C x h x w quantised probabilities."""
+    if probs.dtype != np.uint8 or probs.ndim != 3:
+        raise ValueError(f"probabilities must be uint8 C x h x w, got {probs.dtype} {probs.shape}")
+    return {"bytes": np.ascontiguousarray(probs).tobytes(), "height": int(probs.shape[1]),
+            "width": int(probs.shape[2])}
+
+
+def decode_probs(cell: dict | None, size: tuple[int, int] | None = None) -> np.ndarray | None:
+    """A ``probs`` cell as float32 C x h x w probabilities (value / 255; classes sum to
+    1 within C / 510). `size` (height, width), e.g. the mask's, resizes each class plane
+    bilinearly to it. None when the row has no probabilities (saved without --save-probs)."""
+    import cv2
+
+    if cell is None or cell.get("bytes") is None:
+        return None
+    height, width = int(cell["height"]), int(cell["width"])
+    flat = np.frombuffer(cell["bytes"], np.uint8)
+    if height * width == 0 or flat.size % (height * width):
+        raise ValueError(f"probs cell of {flat.size} bytes does not hold {height} x {width} planes")
+    probs = flat.reshape(-1, height, width).astype(np.float32) / 255.0
+    if size is not None and tuple(size) != (height, width):
+        h, w = int(size[0]), int(size[1])
+        # OpenCV resizes up to 512 channels at once in H x W x C order.
+        planes = [cv2.resize(np.ascontiguousarray(probs[i:i + 512].transpose(1, 2, 0)), (w, h),
+                             interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
+                  for i in range(0, probs.shape[0], 512)]
+        probs = np.concatenate(planes, axis=2).transpose(2, 0, 1)
+    return np.ascontiguousarray(probs)
 
 
 def class_fraction_of(mask: np.ndarray, num_classes: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from pipeline.errors import NoRows, UnreadableData, UsageError
 from pipeline.store.fs import read_bytes_or_none, resolve
 from pipeline.store.output import (LEGACY_PROGRESS_FILE, LEGACY_RUNS_DIR, METADATA_KEY, PROGRESS_FILE,
                                    RUNS_DIR, SCHEMA, OutputMetadata,
-                                   data_files, decode_mask)
+                                   data_files, decode_mask, decode_probs)
 
 BATCH_ROWS = 64
 """Rows decoded at a time: a few dozen masks, whatever their size."""
@@ -68,6 +68,9 @@ class MaskRow:
     confidence: float | None
     model: str
     weights_sha256: str
+    entropy: float | None = None  # schema version 2; None in version-1 outputs
+    margin: float | None = None
+    uncertain_fraction: float | None = None
 
 
 def read_masks(
@@ -88,7 +91,8 @@ def read_masks(
         return
     wanted = [
         "image_id", "uri", "status", "error", "mask", "class_scores",
-        "class_fraction", "confidence", "model", "weights_sha256", *columns,
+        "class_fraction", "confidence", "model", "weights_sha256", "entropy", "margin",
+        "uncertain_fraction", *columns,
     ]
     flt = pc.field("status") == status if status else None
     for batch in dataset.to_batches(columns=list(dict.fromkeys(wanted)), filter=flt,
@@ -105,7 +109,30 @@ def read_masks(
                 confidence=row["confidence"],
                 model=row["model"],
                 weights_sha256=row["weights_sha256"],
+                entropy=row["entropy"],
+                margin=row["margin"],
+                uncertain_fraction=row["uncertain_fraction"],
             )
+
+
+def read_probs(output: str, *, model: str | None = None, weights_sha256: str | None = None,
+               full_size: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """(image_id, float32 C x H x W class probabilities) of one model identity's rows that
+    were labelled with ``--save-probs``, streamed. `full_size` resizes them (bilinearly)
+    to the source image's size, the mask's; otherwise they come at the stored size, one
+    value per 8 x 8 block (docs/output.md). Raises UsageError when no row has them."""
+    meta = select_identity(output, model=model, weights_sha256=weights_sha256)
+    where = (pc.field("status") == "ok") & pc.field("probs").is_valid()
+    found = 0
+    for batch in iter_batches(output, meta, ["image_id", "height", "width", "probs"], where=where):
+        for row in batch.to_pylist():
+            size = (row["height"], row["width"]) if full_size else None
+            found += 1
+            yield row["image_id"], decode_probs(row["probs"], size)
+    if not found:
+        raise UsageError(f"{output}: no rows of {meta.model} (weights {meta.weights_sha256[:12]}) "
+                         "hold probabilities; label with `drn-label run ... --save-probs "
+                         "--overwrite` to store them")
 
 
 # -- which rows ------------------------------------------------------------------------------
@@ -162,20 +189,36 @@ def iter_batches(output: str, meta: OutputMetadata, columns: Sequence[str], *,
                                       batch_readahead=1, fragment_readahead=1)
 
 
-def iter_mask_rows(output: str, meta: OutputMetadata, columns: Sequence[str] = ()) -> Iterator[dict]:
-    """Rows with status ``ok`` of `meta`'s identity, ``mask`` decoded to an H x W array."""
+def ids_filter(image_ids: Sequence[str] | None) -> pc.Expression | None:
+    """Rows whose image_id is one of `image_ids` (None: every row), as a dataset filter."""
+    if image_ids is None:
+        return None
+    import pyarrow as pa
+
+    return pc.field("image_id").isin(pa.array(list(image_ids), pa.string()))
+
+
+def iter_mask_rows(output: str, meta: OutputMetadata, columns: Sequence[str] = (), *,
+                   image_ids: Sequence[str] | None = None) -> Iterator[dict]:
+    """Rows with status ``ok`` of `meta`'s identity (only `image_ids`, when given), ``mask``
+    decoded to an H x W array."""
     wanted = list(dict.fromkeys(["image_id", "uri", "height", "width", "mask", "confidence",
                                  *columns]))
-    for batch in iter_batches(output, meta, wanted, where=pc.field("status") == "ok"):
+    where = pc.field("status") == "ok"
+    if image_ids is not None:
+        where = where & ids_filter(image_ids)
+    for batch in iter_batches(output, meta, wanted, where=where):
         for row in batch.to_pylist():
             row["mask"] = decode_mask(row["mask"])
             yield row
 
 
-def count_errors(output: str, meta: OutputMetadata) -> int:
+def count_errors(output: str, meta: OutputMetadata, *, image_ids: Sequence[str] | None = None) -> int:
     n = 0
-    for batch in iter_batches(output, meta, ["status"], where=pc.field("status") != "ok",
-                              batch_size=65536):
+    where = pc.field("status") != "ok"
+    if image_ids is not None:
+        where = where & ids_filter(image_ids)
+    for batch in iter_batches(output, meta, ["status"], where=where, batch_size=65536):
         n += batch.num_rows
     return n
 

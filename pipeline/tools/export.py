@@ -32,15 +32,16 @@ import tempfile
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow.compute as pc
 
 from drn.io import atomic_write
 from pipeline.errors import UsageError
+from pipeline.store.formats import brush_rle, classes_present, coco_annotations, mask_png_name
 from pipeline.store.output import OutputMetadata
-from pipeline.store.reader import count_errors, iter_mask_rows, select_identity
+from pipeline.store.reader import count_errors, ids_filter, iter_batches, iter_mask_rows, select_identity
 
 FORMATS = ("png", "coco", "yolo", "cvat", "label-studio")
 
@@ -70,25 +71,6 @@ def colourise(mask: np.ndarray, meta: OutputMetadata) -> np.ndarray:
     return palette_lut(meta, mask.dtype)[mask]
 
 
-def classes_present(mask: np.ndarray, num_classes: int) -> list[int]:
-    """Class ids that occur in `mask`, ascending (values >= num_classes, e.g. 255, skipped)."""
-    counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
-    return np.flatnonzero(counts).tolist()
-
-
-def mask_png_name(image_id: str, *, keep_extension: bool = False) -> str:
-    """Relative PNG path for an image id: subfolders kept, the extension replaced by .png
-    (``a/b.jpg`` -> ``a/b.png``; with `keep_extension`, ``a/b.jpg.png``). Never leaves the
-    export folder: empty, ``.`` and ``..`` parts of ids taken from manifests are dropped
-    or renamed."""
-    parts = [p for p in image_id.replace("\\", "/").split("/") if p not in ("", ".")]
-    parts = ["__" if p == ".." else p for p in parts] or ["image"]
-    stem, dot, _ = parts[-1].rpartition(".")
-    if not keep_extension and dot and stem:
-        parts[-1] = stem
-    return "/".join(parts) + ".png"
-
-
 @dataclass(frozen=True)
 class ExportResult:
     format: str
@@ -104,7 +86,8 @@ class ExportResult:
 
 
 # -- png -------------------------------------------------------------------------------------
-def export_png(output: str, out: Path, meta: OutputMetadata, *, colour: bool = False) -> ExportResult:
+def export_png(output: str, out: Path, meta: OutputMetadata, *, colour: bool = False,
+               image_ids: Sequence[str] | None = None) -> ExportResult:
     """A folder of mask PNGs named after the image ids. `out` must be new or empty. The
     folder is written under a temporary name beside it and renamed when whole, so a failed
     export leaves nothing behind. Ids that map to one name (``a.jpg`` and ``a.png``), or a
@@ -119,7 +102,7 @@ def export_png(output: str, out: Path, meta: OutputMetadata, *, colour: bool = F
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
     images = 0
     try:
-        for row in iter_mask_rows(output, meta):
+        for row in iter_mask_rows(output, meta, image_ids=image_ids):
             target = _free_target(work, row["image_id"])
             target.parent.mkdir(parents=True, exist_ok=True)
             mask = row["mask"]
@@ -133,7 +116,7 @@ def export_png(output: str, out: Path, meta: OutputMetadata, *, colour: bool = F
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return ExportResult("png", str(out), images, 0, count_errors(output, meta))
+    return ExportResult("png", str(out), images, 0, count_errors(output, meta, image_ids=image_ids))
 
 
 def _free_target(folder: Path, image_id: str) -> Path:
@@ -167,18 +150,6 @@ def coco_categories(meta: OutputMetadata) -> list[dict]:
             for i, name in enumerate(meta.classes)]
 
 
-def coco_annotations(mask: np.ndarray, num_classes: int) -> Iterator[tuple[int, dict, int, list[float]]]:
-    """(class id, compressed RLE with str counts, area, bbox [x, y, w, h]) per class present."""
-    from pycocotools import mask as mask_utils
-
-    for class_id in classes_present(mask, num_classes):
-        rle = mask_utils.encode(np.asfortranarray(mask == class_id, dtype=np.uint8))
-        area = int(mask_utils.area(rle))
-        bbox = [float(v) for v in mask_utils.toBbox(rle)]
-        rle["counts"] = rle["counts"].decode("ascii")
-        yield class_id, rle, area, bbox
-
-
 def class_polygons(region: np.ndarray) -> list[list[float]]:
     """Outer contours of a boolean region as flat [x1, y1, x2, y2, ...] lists through the
     boundary pixels' centres (holes filled; contours of fewer than 3 points, i.e. specks,
@@ -208,7 +179,8 @@ def coco_polygon_annotations(mask: np.ndarray, num_classes: int) -> Iterator[tup
                [float(v) for v in mask_utils.toBbox(rle)])
 
 
-def export_coco(output: str, out: Path, meta: OutputMetadata, *, polygons: bool = False) -> ExportResult:
+def export_coco(output: str, out: Path, meta: OutputMetadata, *, polygons: bool = False,
+                image_ids: Sequence[str] | None = None) -> ExportResult:
     """One COCO JSON. Annotations are written as rows stream in; the image entries, a few
     dozen bytes each, wait in a spooled temporary file and are appended at the end.
     `polygons`: polygon segmentations (outer contours) instead of exact RLE."""
@@ -221,7 +193,7 @@ def export_coco(output: str, out: Path, meta: OutputMetadata, *, polygons: bool 
     with atomic_text(out) as f, tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+") as image_list:
         f.write('{"info": ' + json.dumps(info) + ', "licenses": [], "categories": '
                 + json.dumps(coco_categories(meta)) + ',\n"annotations": [')
-        for row in iter_mask_rows(output, meta):
+        for row in iter_mask_rows(output, meta, image_ids=image_ids):
             images += 1
             mask = row["mask"]
             height, width = mask.shape
@@ -238,11 +210,12 @@ def export_coco(output: str, out: Path, meta: OutputMetadata, *, polygons: bool 
         while chunk := image_list.read(1 << 20):
             f.write(chunk)
         f.write("\n]}\n")
-    return ExportResult("coco", str(out), images, annotations, count_errors(output, meta))
+    return ExportResult("coco", str(out), images, annotations, count_errors(output, meta, image_ids=image_ids))
 
 
 # -- yolo ------------------------------------------------------------------------------------
-def export_yolo(output: str, out: Path, meta: OutputMetadata) -> ExportResult:
+def export_yolo(output: str, out: Path, meta: OutputMetadata, *,
+                image_ids: Sequence[str] | None = None) -> ExportResult:
     """YOLO segmentation labels, one text file per image, and data.yaml with the names."""
     import yaml
 
@@ -250,7 +223,7 @@ def export_yolo(output: str, out: Path, meta: OutputMetadata) -> ExportResult:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out}: exists and is not an empty folder; choose a new folder")
     images = annotations = 0
-    for row in iter_mask_rows(output, meta):
+    for row in iter_mask_rows(output, meta, image_ids=image_ids):
         mask = row["mask"]
         height, width = mask.shape
         lines = []
@@ -266,11 +239,13 @@ def export_yolo(output: str, out: Path, meta: OutputMetadata) -> ExportResult:
     with atomic_text(out / "data.yaml") as f:
         yaml.safe_dump({"path": ".", "train": "images", "val": "images",
                         "names": dict(enumerate(meta.classes))}, f, sort_keys=False)
-    return ExportResult("yolo", str(out), images, annotations, count_errors(output, meta))
+    return ExportResult("yolo", str(out), images, annotations,
+                        count_errors(output, meta, image_ids=image_ids))
 
 
 # -- cvat ------------------------------------------------------------------------------------
-def export_cvat(output: str, out: Path, meta: OutputMetadata) -> ExportResult:
+def export_cvat(output: str, out: Path, meta: OutputMetadata, *,
+                image_ids: Sequence[str] | None = None) -> ExportResult:
     """CVAT "Segmentation mask 1.1" zip, written whole or not at all."""
     import zipfile
 
@@ -284,7 +259,7 @@ def export_cvat(output: str, out: Path, meta: OutputMetadata) -> ExportResult:
         labelmap = "# label:color_rgb:parts:actions\n" + "".join(
             f"{name}:{r},{g},{b}::\n" for name, (r, g, b) in zip(meta.classes, meta.palette))
         zf.writestr("labelmap.txt", labelmap)
-        for row in iter_mask_rows(output, meta):
+        for row in iter_mask_rows(output, meta, image_ids=image_ids):
             mask = row["mask"]
             name = mask_png_name(row["image_id"])[:-4]
             names.append(name)
@@ -298,7 +273,8 @@ def export_cvat(output: str, out: Path, meta: OutputMetadata) -> ExportResult:
             images += 1
             annotations += len(present)
         zf.writestr("ImageSets/Segmentation/default.txt", "".join(n + "\n" for n in names))
-    return ExportResult("cvat", str(out), images, annotations, count_errors(output, meta))
+    return ExportResult("cvat", str(out), images, annotations,
+                        count_errors(output, meta, image_ids=image_ids))
 
 
 def _voc_colour(index: int) -> tuple[int, int, int]:
@@ -313,58 +289,6 @@ def _voc_colour(index: int) -> tuple[int, int, int]:
 
 
 # -- label studio ----------------------------------------------------------------------------
-# Label Studio's brush RLE (the thi.ng rle-pack bit stream its editor decodes), MSB first:
-# 32 bits: number of values (H * W * 4: RGBA, row-major); 5 bits: word size - 1; 4 x 4 bits:
-# the four run-length field sizes - 1; then runs, each 1 bit (1 = one value repeated, 0 =
-# literal values), 2 bits choosing the length field, that field holding length - 1, and the
-# value(s) in word-size bits; zero bits pad the last byte. Every pixel is 4 equal values (0,
-# or 255 inside the region; the editor reads the alpha channel), so runs are >= 4 long and
-# all are repeats. Field sizes 3, 4, 8, 16 bits (runs <= 8, 16, 256, 65536 values); longer
-# runs are split.
-_WORD_BITS = 8
-_LENGTH_BITS = np.array([3, 4, 8, 16], np.int64)
-_LENGTH_LIMITS = 1 << _LENGTH_BITS
-
-
-def brush_rle(region: np.ndarray) -> list[int]:
-    """Label Studio brush RLE bytes (``value.rle``) of a boolean H x W region."""
-    flat = np.ascontiguousarray(region, dtype=bool).ravel()
-    n = flat.size
-    if 4 * n >= 1 << 32:
-        raise ValueError(f"region of {n} pixels is too large for Label Studio's brush RLE")
-    starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1]) if n else np.zeros(0, np.int64)
-    lengths = np.diff(np.concatenate([starts, [n]])).astype(np.int64) * 4
-    values = np.where(flat[starts], 255, 0).astype(np.int64)
-    # Split runs longer than the widest length field into full pieces plus a remainder.
-    pieces = -(-lengths // _LENGTH_LIMITS[-1])
-    values = np.repeat(values, pieces)
-    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
-    index_in_run = np.arange(pieces.sum()) - first
-    remaining = np.repeat(lengths, pieces) - index_in_run * _LENGTH_LIMITS[-1]
-    lengths = np.minimum(remaining, _LENGTH_LIMITS[-1])
-    choice = np.searchsorted(_LENGTH_LIMITS, lengths)  # smallest field that holds length - 1
-    length_bits = _LENGTH_BITS[choice]
-    # One integer per run: repeat flag, field choice, length - 1, value (<= 27 bits).
-    records = (((1 << 2 | choice) << length_bits | (lengths - 1)) << _WORD_BITS) | values
-    widths = 3 + length_bits + _WORD_BITS
-    header_values = np.array([4 * n, _WORD_BITS - 1, *(_LENGTH_BITS - 1)], np.int64)
-    header_widths = np.array([32, 5, 4, 4, 4, 4], np.int64)
-    bits = [_bits(header_values, header_widths)]
-    step = 1 << 16  # bound the temporary arrays for very fragmented masks
-    for i in range(0, len(records), step):
-        bits.append(_bits(records[i:i + step], widths[i:i + step]))
-    return np.packbits(np.concatenate(bits)).tolist()
-
-
-def _bits(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """Concatenate each value's `width` low bits, most significant first (uint8 0/1)."""
-    total = int(widths.sum())
-    field = np.repeat(np.arange(len(values)), widths)
-    offset = np.arange(total) - np.repeat(np.cumsum(widths) - widths, widths)
-    shift = widths[field] - 1 - offset
-    return ((values[field] >> shift) & 1).astype(np.uint8)
-
-
 def label_studio_config(meta: OutputMetadata, *, from_name: str = "tag", to_name: str = "image") -> str:
     """The labelling config that the tasks' results refer to (BrushLabels over an Image)."""
     labels = "\n".join(
@@ -393,7 +317,8 @@ def label_studio_task(row: dict, meta: OutputMetadata, *, from_name: str, to_nam
 
 
 def export_label_studio(output: str, out: Path, meta: OutputMetadata, *, from_name: str = "tag",
-                        to_name: str = "image", url_prefix: str | None = None) -> ExportResult:
+                        to_name: str = "image", url_prefix: str | None = None,
+                        image_ids: Sequence[str] | None = None) -> ExportResult:
     """A JSON list of Label Studio tasks with brush-label predictions, written task by task,
     and the matching labelling config beside it. ``data.image`` is the row's ``uri``, or
     `url_prefix` + image id (e.g. ``/data/local-files/?d=images/`` for Label Studio's
@@ -402,7 +327,7 @@ def export_label_studio(output: str, out: Path, meta: OutputMetadata, *, from_na
     images = annotations = 0
     with atomic_text(out) as f:
         f.write("[")
-        for row in iter_mask_rows(output, meta):
+        for row in iter_mask_rows(output, meta, image_ids=image_ids):
             task = label_studio_task(row, meta, from_name=from_name, to_name=to_name,
                                      url_prefix=url_prefix)
             f.write(("," if images else "") + "\n" + json.dumps(task, separators=(",", ":")))
@@ -410,7 +335,7 @@ def export_label_studio(output: str, out: Path, meta: OutputMetadata, *, from_na
             annotations += len(task["predictions"][0]["result"])
         f.write("\n]\n")
     config_path(out).write_text(label_studio_config(meta, from_name=from_name, to_name=to_name))
-    return ExportResult("label-studio", str(out), images, annotations, count_errors(output, meta))
+    return ExportResult("label-studio", str(out), images, annotations, count_errors(output, meta, image_ids=image_ids))
 
 
 def config_path(out: Path) -> Path:
@@ -418,27 +343,50 @@ def config_path(out: Path) -> Path:
 
 
 # -- one entry point ---------------------------------------------------------------------------
+def check_ids(output: str, meta: OutputMetadata, image_ids: Sequence[str], source: Path) -> None:
+    """Every id of a manifest must have a row of `meta`'s identity in OUTPUT: a manifest of
+    another OUTPUT or model would otherwise export a silent subset."""
+    found: set[str] = set()
+    for batch in iter_batches(output, meta, ["image_id"], where=ids_filter(image_ids),
+                              batch_size=65536):
+        found.update(batch.column("image_id").to_pylist())
+    missing = [i for i in image_ids if i not in found]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ExportError(f"--ids {source}: {len(missing)} of {len(image_ids)} image ids have no row of "
+                          f"{meta.model} (weights {meta.weights_sha256[:12]}) in {output} ({shown}); "
+                          "select them from this OUTPUT and model (`drn-label select`)")
+
+
 def export(output: str, fmt: str, out: Path, *, colour: bool = False, model: str | None = None,
            weights_sha256: str | None = None, from_name: str = "tag", to_name: str = "image",
-           url_prefix: str | None = None, polygons: bool = False) -> ExportResult:
+           url_prefix: str | None = None, polygons: bool = False,
+           ids: Path | None = None) -> ExportResult:
+    """Export one model identity's ok rows (only the manifest `ids`' images, when given)."""
     meta = select_identity(output, model=model, weights_sha256=weights_sha256)
+    image_ids = None
+    if ids is not None:
+        from pipeline.tools.select import read_ids
+
+        image_ids = read_ids(ids)
+        check_ids(output, meta, image_ids, ids)
     if fmt == "png":
-        return export_png(output, out, meta, colour=colour)
+        return export_png(output, out, meta, colour=colour, image_ids=image_ids)
     if colour:
         raise ExportError("--colour applies to --format png only")
     if polygons and fmt != "coco":
         raise ExportError("--polygons applies to --format coco only (yolo is always polygons)")
     if fmt == "yolo":  # a folder, like png
-        return export_yolo(output, out, meta)
+        return export_yolo(output, out, meta, image_ids=image_ids)
     if Path(out).is_dir():
         suffix = ".zip" if fmt == "cvat" else ".json"
         raise ExportError(f"--out {out}: is a folder; give the file to write, e.g. "
                           f"{Path(out) / (fmt.replace('-', '_') + suffix)}")
     if fmt == "coco":
-        return export_coco(output, out, meta, polygons=polygons)
+        return export_coco(output, out, meta, polygons=polygons, image_ids=image_ids)
     if fmt == "cvat":
-        return export_cvat(output, out, meta)
+        return export_cvat(output, out, meta, image_ids=image_ids)
     if fmt == "label-studio":
         return export_label_studio(output, out, meta, from_name=from_name, to_name=to_name,
-                                   url_prefix=url_prefix)
+                                   url_prefix=url_prefix, image_ids=image_ids)
     raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -294,8 +294,23 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def comparison_html(comparison) -> str:
+    """The section `report --compare-to` adds (a `pipeline.tools.compare.CompareResult`)."""
+    if comparison is None:
+        return ""
+    c = comparison
+    rows = [[m.image_id, f"{m.pixel_agreement:.4f}", f"{m.mask_iou:.4f}"] for m in c.most_changed]
+    return (f'<h2 id="compare">Compared with another model</h2>'
+            f"<p>This model (A) against {escape(c.b.model)} (weights "
+            f"<code>{escape(c.b.weights_sha256[:12])}</code>, B) on the {c.images} images both "
+            f"labelled ({c.only_a} only in A, {c.only_b} only in B): pixel agreement "
+            f"<b>{c.pixel_agreement:.4f}</b>, mean IoU between their masks <b>{c.mask_iou:.4f}</b>.</p>"
+            f"<p>The {len(rows)} images that changed most:</p>"
+            + _table(["image_id", "pixel agreement", "mask IoU"], rows))
+
+
 def render(output: str, meta: OutputMetadata, stats: Stats, items: list[GalleryItem],
-           runs: list[dict], others: list[OutputMetadata]) -> str:
+           runs: list[dict], others: list[OutputMetadata], comparison=None) -> str:
     mean_conf = stats.confidence_sum / stats.ok if stats.ok else float("nan")
     identity = _table(["", ""], [
         ["model", meta.model], ["weights", meta.weights or "(random init)"],
@@ -358,6 +373,7 @@ def render(output: str, meta: OutputMetadata, stats: Stats, items: list[GalleryI
 <p>The {len(items)} least confident of {stats.ok} images, least confident first: source | mask over source.</p>
 <div class="legend">{legend}</div>
 {gallery_html}
+{comparison_html(comparison)}
 <h2 id="errors">Errors ({stats.errors})</h2>
 {errors_html}
 </body></html>
@@ -374,15 +390,21 @@ class ReportResult:
 
 
 def write_report(output: str, html_path: Path, *, limit: int = 50, model: str | None = None,
-                 weights_sha256: str | None = None) -> ReportResult:
-    """Write the HTML report of OUTPUT (one model identity) to `html_path`."""
+                 weights_sha256: str | None = None, compare_to: str | None = None) -> ReportResult:
+    """Write the HTML report of OUTPUT (one model identity) to `html_path`; `compare_to`
+    (an identity as `drn-label compare` takes it) adds the comparison section."""
 
     meta = select_identity(output, model=model, weights_sha256=weights_sha256)
     stats = gather(output, meta, limit)
     items = gallery(output, meta, stats)
     others = [m for m in {(m.model, m.weights_sha256): m for m in read_metadata(output)}.values()
               if (m.model, m.weights_sha256) != (meta.model, meta.weights_sha256)]
-    page = render(output, meta, stats, items, read_runs(output), others)
+    comparison = None
+    if compare_to is not None:
+        from pipeline.tools.compare import compare
+
+        comparison = compare(output, f"{meta.model}@{meta.weights_sha256}", compare_to, top=limit)
+    page = render(output, meta, stats, items, read_runs(output), others, comparison)
     with atomic_text(Path(html_path)) as f:
         f.write(page)
     return ReportResult(str(html_path), stats.rows, stats.ok, stats.errors, len(items))

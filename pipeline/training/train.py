@@ -8,20 +8,39 @@ from their own labels::
     DATA/classes.json                {"classes": [...], "palette", "mean", "std"} (optional
                                      when ``classes=`` is given)
 
-Recipe (the authors' ``segment.py``): random scale in [0.5, 2] (bilinear image, nearest
-mask), random crop to ``size`` padding the mask with the ignore index (the image with
-its mean colour), horizontal flip, normalisation with the label set's mean/std
-(measured on the training images when the classes file has none, and stored in the
-checkpoint), SGD with momentum and weight decay, the "poly" schedule
-``lr * (1 - iteration / max_iterations) ** 0.9`` applied every iteration, and
-cross-entropy that skips the ignore index.
+Recipe (the authors' ``segment.py``): random scale (bilinear image, nearest mask; the
+authors used [0.5, 2], the default here is [0.5, 1.5], which suits small images),
+random crop to ``size`` padding the mask with the ignore index (the image with its mean
+colour), horizontal flip, normalisation with the label set's mean/std (measured on the
+training images when the classes file has none, and stored in the checkpoint), SGD with
+momentum and weight decay, the "poly" schedule ``lr * (1 - iteration / max_iterations)
+** 0.9`` applied every iteration, and cross-entropy that skips the ignore index.
+
+Defaults that work without tuning (a user who does not know the right flags should still
+get a good model):
+
+- **Validation**: without ``val_dir``, ``val_split`` of the images (10%, at least one,
+  chosen by ``seed``) are held out and scored (mIoU at full size) after every epoch.
+- **Best epoch kept**: ``out`` holds the weights of the epoch with the best validation
+  mIoU, not the last one.
+- **Early stop**: in the second half of the schedule, training ends when validation mIoU
+  has not improved for ``patience`` epochs, so ``epochs`` is a ceiling rather than a
+  guess. Not in the first half: a model trained on few images often predicts only the
+  commonest class for several epochs (a flat validation mIoU while the loss falls), and
+  the poly schedule's rate is still high there.
+- **Learning rate**: ``lr=None`` picks one: 0.05 for batch 8 from scratch, scaled
+  linearly with the batch size (the linear scaling rule), and half of that when
+  fine-tuning a segmentation checkpoint of the same classes (``init``), which already
+  sits nearer a good minimum. If the loss turns non-finite the run restarts from its
+  initial weights with a quarter of the rate (twice at most).
 
 Files: ``out`` is the project's checkpoint (``drn.save_checkpoint``, with the label set),
-rewritten after every epoch so it is usable at any time; ``<out>.state`` holds what
-resuming needs (model, optimizer, epoch, history), written atomically after every
-epoch. When training finishes the state shrinks to a record of the run (no tensors), so
-calling ``train`` again with the same arguments does nothing, and with more epochs it
-continues from ``out`` with fresh momentum.
+rewritten whenever an epoch is the best so far, so it is usable at any time;
+``<out>.state`` holds what resuming needs (current model, optimizer, epoch, history, the
+best epoch), written atomically after every epoch. When training finishes (the last
+epoch, or an early stop) the state shrinks to a record of the run (no tensors), so
+calling ``train`` again with the same arguments does nothing, and with more epochs a run
+that was not stopped early continues from ``out`` with fresh momentum.
 """
 from __future__ import annotations
 
@@ -48,6 +67,11 @@ if TYPE_CHECKING:
 
 STATE_FORMAT = "drn-label-train/1"
 HEAD_INIT_STD = 0.01
+BASE_LR = 0.05
+"""Learning rate for batch 8 from scratch; measured in docs/labelling-loop.md and the README."""
+FINE_TUNE_LR_FACTOR = 0.5
+MIN_SPLIT_IMAGES = 10
+"""Below this many images no validation split is held out (every image is needed to train)."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -61,6 +85,14 @@ class EpochStats:
     val_miou: float | None = None
 
 
+class DivergedError(FloatingPointError):
+    """The loss became non-finite: the learning rate is too high for this data."""
+
+    def __init__(self, message: str, lr: float) -> None:
+        super().__init__(message)
+        self.lr = lr
+
+
 @dataclass(frozen=True)
 class TrainResult:
     checkpoint: Path
@@ -71,6 +103,15 @@ class TrainResult:
     seconds: float  # training time of this call
     label_set: "drn.LabelSet"  # the label set stored in the checkpoint
     history: tuple[EpochStats, ...]
+    best_epoch: int | None = None  # the epoch whose weights `checkpoint` holds (None: the last)
+    stopped_early: bool = False
+    lr: float | None = None  # the base learning rate used
+
+    @property
+    def best_miou(self) -> float | None:
+        if self.best_epoch is None:
+            return None
+        return next((h.val_miou for h in self.history if h.epoch == self.best_epoch), None)
 
     @property
     def loss(self) -> float | None:
@@ -83,6 +124,19 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------------
 # Data
+
+
+def split_validation(pairs: Sequence[tuple[Path, Path]], fraction: float, seed: int
+                     ) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
+    """(training, validation) pairs: `fraction` of the images (at least one) chosen by
+    `seed`, or none when there are fewer than MIN_SPLIT_IMAGES or `fraction` is 0."""
+    pairs = list(pairs)
+    if fraction <= 0 or len(pairs) < MIN_SPLIT_IMAGES:
+        return pairs, []
+    count = min(len(pairs) - 1, max(1, round(len(pairs) * fraction)))
+    held = set(np.random.default_rng([seed, 7]).permutation(len(pairs))[:count].tolist())
+    return ([p for i, p in enumerate(pairs) if i not in held],
+            [p for i, p in enumerate(pairs) if i in held])
 
 
 def list_samples(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
@@ -285,6 +339,13 @@ def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 
     return base_lr * max(0.0, 1.0 - iteration / max_iterations) ** power
 
 
+def pick_lr(batch_size: int, *, fine_tune: bool) -> float:
+    """The default learning rate: BASE_LR at batch 8, linear in the batch size, and
+    FINE_TUNE_LR_FACTOR of it when starting from a trained model of the same classes."""
+    lr = BASE_LR * batch_size / 8
+    return lr * FINE_TUNE_LR_FACTOR if fine_tune else lr
+
+
 def state_path(out: str | os.PathLike) -> Path:
     """Where the training state of checkpoint ``out`` lives."""
     out = Path(out)
@@ -296,19 +357,21 @@ def train(
     *,
     arch: str,
     out: str | os.PathLike,
-    epochs: int = 10,
+    epochs: int = 20,
     batch_size: int = 8,
     size: int = 64,
     init: str | os.PathLike | None = None,
     classes=None,
-    lr: float = 0.01,
+    lr: float | None = None,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
-    scale_range: tuple[float, float] = (0.5, 2.0),
+    scale_range: tuple[float, float] = (0.5, 1.5),
     seed: int = 0,
     workers: int = 0,
     device: str = "auto",
     val_dir: str | os.PathLike | None = None,
+    val_split: float = 0.1,
+    patience: int | None = 5,
     log: Callable[[str], None] = print,
     resume: bool = True,
 ) -> TrainResult:
@@ -316,15 +379,41 @@ def train(
 
     ``resume=True`` continues from ``<out>.state`` when it exists (same architecture and
     classes required); ``resume=False`` starts over and overwrites ``out``.
-    ``val_dir`` (same layout) is scored after every epoch at full image size (mIoU in
-    the progress line and the history).
+    ``val_dir`` (same layout) is scored after every epoch at full image size; without
+    it ``val_split`` of ``data_dir`` is held out instead (0 disables validation, and then
+    the last epoch is kept). ``patience`` epochs without a better validation mIoU stop
+    the run (None: never). ``lr=None`` picks the rate (`pick_lr`).
     """
+    if epochs < 1 or batch_size < 1 or size < 8:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1 and size >= 8; got {epochs}, {batch_size}, {size}")
+    if not 0 <= val_split < 1:
+        raise ValueError(f"val_split must be in [0, 1), got {val_split}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be at least 1 epoch (or None), got {patience}")
+    retries = 2 if lr is None else 0
+    while True:
+        try:
+            return _train(data_dir, arch=arch, out=out, epochs=epochs, batch_size=batch_size, size=size,
+                          init=init, classes=classes, lr=lr, momentum=momentum,
+                          weight_decay=weight_decay, scale_range=scale_range, seed=seed,
+                          workers=workers, device=device, val_dir=val_dir, val_split=val_split,
+                          patience=patience, log=log, resume=resume)
+        except DivergedError as exc:
+            if retries == 0:
+                raise
+            retries -= 1
+            lr = exc.lr / 4
+            log(f"{exc}; starting over with lr {lr:g}")
+            resume = False
+
+
+def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, momentum,
+           weight_decay, scale_range, seed, workers, device, val_dir, val_split, patience, log,
+           resume) -> TrainResult:
     import drn
 
     data_dir, out = Path(data_dir), Path(out)
-    if epochs < 1 or batch_size < 1 or size < 8:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1 and size >= 8; got {epochs}, {batch_size}, {size}")
-    pairs = list_samples(data_dir)
+    all_pairs = list_samples(data_dir)
     device_ = pick_device(device)
     state_file = state_path(out)
     state = _load_state(state_file, device_) if resume and state_file.is_file() else None
@@ -338,7 +427,20 @@ def train(
             raise ValueError(f"{state_file}: resuming a {state['arch']} run, but arch={arch} was asked "
                              "for; pass resume=False to start over")
     else:
-        label_set = resolve_label_set(data_dir, classes, pairs, log)
+        label_set = resolve_label_set(data_dir, classes, all_pairs, log)
+
+    if val_dir is not None:
+        pairs, val_pairs = all_pairs, list_samples(val_dir)
+    else:
+        pairs, val_pairs = split_validation(all_pairs, val_split, seed)
+    if lr is None:
+        fine_tune = False
+        if init is not None:
+            checkpoint = drn.load_checkpoint(init)
+            fine_tune = checkpoint.task == "segment" and checkpoint.num_classes == label_set.num_classes
+        lr = pick_lr(min(batch_size, len(pairs)), fine_tune=fine_tune)
+        log(f"learning rate {lr:g} (batch {min(batch_size, len(pairs))}"
+            f"{', fine-tuning ' + str(init) if fine_tune else ''}; --lr sets another)")
 
     # Model: fresh (or from init), or the saved run's weights.
     if state is None:
@@ -359,22 +461,32 @@ def train(
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     done = 0
     history: list[EpochStats] = []
+    best_epoch: int | None = None
+    stopped_early = False
     settings = {"batch_size": batch_size, "size": size, "lr": lr, "momentum": momentum,
                 "weight_decay": weight_decay, "scale_range": list(scale_range), "seed": seed}
     if state is not None:
         done = int(state["epoch"])
         history = [EpochStats(**h) for h in state["history"]]
+        best_epoch = state.get("best_epoch")
+        stopped_early = bool(state.get("stopped_early"))
         changed = [f"{k} {v} -> {settings[k]}" for k, v in (state.get("settings") or {}).items()
                    if k in settings and v != settings[k]]
         if changed:
             log(f"resuming with other settings than the saved run: {', '.join(changed)}")
         if state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
-        elif done < epochs:
+            if best_epoch == done:
+                # The state is written before the checkpoint: an interrupted write of the
+                # best epoch's checkpoint is redone from the state's (identical) weights.
+                _save_checkpoint(model, out)
+        elif done < epochs and not stopped_early:
             log(f"resuming a finished run of {done} epochs: optimizer momentum starts afresh")
-        if done >= epochs:
-            log(f"{out}: already trained for {done} epochs (asked for {epochs}); nothing to do")
-            return TrainResult(out, arch, done, int(state["iteration"]), done, 0.0, label_set, tuple(history))
+        if done >= epochs or stopped_early:
+            why = f"stopped early after epoch {done}" if stopped_early else f"trained for {done} epochs"
+            log(f"{out}: already {why} (asked for {epochs}); nothing to do")
+            return TrainResult(out, arch, done, int(state["iteration"]), done, 0.0, label_set,
+                               tuple(history), best_epoch, stopped_early, lr)
         log(f"resuming {out} after epoch {done}/{epochs}")
 
     dataset = SegmentationFolder(
@@ -385,9 +497,13 @@ def train(
     iters_per_epoch = len(dataset) // batch  # drop the last partial batch (BatchNorm)
     max_iterations = epochs * iters_per_epoch
     iteration = done * iters_per_epoch
-    val_pairs = list_samples(val_dir) if val_dir is not None else None
+    held = (f", validation: {len(val_pairs)} images of {val_dir}" if val_dir is not None
+            else f", validation: {len(val_pairs)} held-out images" if val_pairs else ", no validation")
     log(f"training {arch} on {len(dataset)} images of {data_dir} ({label_set.num_classes} classes), "
-        f"crops {size}px, batch {batch}, {iters_per_epoch} iterations/epoch, on {device_}")
+        f"crops {size}px, batch {batch}, {iters_per_epoch} iterations/epoch, on {device_}{held}")
+
+    def best_miou() -> float:
+        return next((h.val_miou for h in history if h.epoch == best_epoch), -1.0) or -1.0
 
     started = time.perf_counter()
     for epoch in range(done, epochs):
@@ -409,6 +525,9 @@ def train(
                 iteration += 1  # nothing labelled in this batch (all padding/ignore)
                 continue
             loss = F.cross_entropy(logits, targets, ignore_index=label_set.ignore_index)
+            if not torch.isfinite(loss):
+                raise DivergedError(f"epoch {epoch + 1}: the loss is {loss.item()} at lr {current_lr:g}; "
+                                    "lower --lr", lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -418,30 +537,39 @@ def train(
         if not losses:
             raise ValueError(f"epoch {epoch + 1}: no batch had a labelled pixel (masks all {label_set.ignore_index}?)")
         mean_loss = float(np.mean(losses))
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"epoch {epoch + 1}: the loss is {mean_loss}; lower lr (now {lr})")
         val_miou = None
-        if val_pairs is not None:
+        if val_pairs:
             val_miou = evaluate_pairs(model, val_pairs, label_set, device_).miou()
             model.train()
         stats = EpochStats(epoch + 1, mean_loss, current_lr, seconds,
                            iters_per_epoch * batch / seconds if seconds > 0 else math.nan, val_miou)
         history.append(stats)
-        finished = epoch + 1 == epochs
+        improved = val_miou is None or val_miou > best_miou()
+        if improved:
+            best_epoch = stats.epoch
+        stale = stats.epoch - best_epoch
+        stopped_early = (patience is not None and val_miou is not None and stale >= patience
+                         and stats.epoch >= epochs // 2)
+        finished = epoch + 1 == epochs or stopped_early
         _save(model, optimizer, out, state_file, label_set, arch, settings, stats.epoch, iteration,
-              history, finished)
+              history, finished, best=improved, best_epoch=best_epoch, stopped_early=stopped_early)
         log(f"epoch {stats.epoch}/{epochs}  loss {stats.loss:.4f}  lr {stats.lr:.5f}  "
             f"{stats.seconds:.1f}s  {stats.images_per_second:.1f} images/s"
-            + (f"  val mIoU {val_miou:.4f}" if val_miou is not None else ""))
+            + (f"  val mIoU {val_miou:.4f}" + (" (best)" if improved else "")
+               if val_miou is not None else ""))
+        if stopped_early:
+            log(f"no better validation mIoU for {patience} epochs: stopped; {out} holds epoch "
+                f"{best_epoch} (val mIoU {best_miou():.4f})")
+            break
     model.eval()
-    return TrainResult(out, arch, epochs, iteration, done, time.perf_counter() - started,
-                       label_set, tuple(history))
+    return TrainResult(out, arch, history[-1].epoch if history else done, iteration, done,
+                       time.perf_counter() - started, label_set, tuple(history), best_epoch,
+                       stopped_early, lr)
 
 
 def _save(model, optimizer, out, state_file, label_set, arch, settings, epoch, iteration, history,
-          finished):
-    """Checkpoint (the project's format) and training state, both atomically."""
-    from drn import save_checkpoint
+          finished, *, best: bool, best_epoch: int | None, stopped_early: bool):
+    """Training state and, when `best`, the checkpoint (the project's format), atomically."""
     from drn.checkpoints import sha256_file
 
     model.eval()
@@ -453,10 +581,13 @@ def _save(model, optimizer, out, state_file, label_set, arch, settings, epoch, i
         "epoch": epoch,
         "iteration": iteration,
         "history": [dataclasses.asdict(h) for h in history],
+        "best_epoch": best_epoch,
+        "stopped_early": stopped_early,
     }
     if finished:
         # Checkpoint first, then a small record that names it: the run is complete.
-        save_checkpoint(model, out)
+        if best:
+            _save_checkpoint(model, out)
         record.update(model=None, optimizer=None, checkpoint_sha256=sha256_file(out))
         _atomic_torch_save(record, state_file)
     else:
@@ -467,8 +598,18 @@ def _save(model, optimizer, out, state_file, label_set, arch, settings, epoch, i
             optimizer=_to_cpu(optimizer.state_dict()),
         )
         _atomic_torch_save(record, state_file)
-        save_checkpoint(model, out)
+        if best:
+            _save_checkpoint(model, out)
     model.train()
+
+
+def _save_checkpoint(model, out: Path) -> None:
+    from drn import save_checkpoint
+
+    was_training = model.training
+    model.eval()
+    save_checkpoint(model, out)
+    model.train(was_training)
 
 
 def _to_cpu(obj):

@@ -17,7 +17,7 @@ from PIL import Image
 import drn
 from pipeline import decode_mask, read_masks
 from pipeline.cli import cli
-from pipeline.tools.export import brush_rle, mask_png_name
+from pipeline.store.formats import brush_rle, mask_png_name
 from pipeline.store.output import METADATA_KEY, OutputMetadata, data_files
 from tests.outputs import small_run
 

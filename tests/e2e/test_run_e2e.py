@@ -84,7 +84,7 @@ def test_file_metadata_and_layout(labelled):
     assert len(files) >= 3, "rows_per_file=10 over 40+ rows gives several files"
     for f in files:
         meta = json.loads(pq.read_schema(f).metadata[METADATA_KEY])
-        assert meta["schema_version"] == 1 and meta["model"] == "drn_d_22"
+        assert meta["schema_version"] == 2 and meta["model"] == "drn_d_22"
         assert meta["classes"] == list(CITYSCAPES.class_names)
         assert meta["palette"] == [list(c) for c in CITYSCAPES.palette]
         assert meta["mean"] == list(CITYSCAPES.mean) and meta["std"] == list(CITYSCAPES.std)

@@ -14,14 +14,17 @@ import torch
 
 from pipeline.cli import cli
 from pipeline.store.output import MASK_TYPE, data_files, decode_mask, encode_mask
+from pipeline.store.reader import read_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 # The recipe measured in docs/benchmarks.md: about two to three minutes on 2 CPU cores.
 TRAIN = ["--count", "300", "--size", "128", "--seed", "0"]
 HELD_OUT = ["--count", "40", "--size", "128", "--seed", "1"]
+# --val-split 0: every image trains and the last epoch is kept, as when the figures were measured
+# (the defaults' own figure is in the README: 96 px, validation split, best epoch).
 FIT = ["--model", "drn_d_22", "--epochs", "20", "--batch-size", "8", "--size", "64", "--lr", "0.05",
-       "--scale-range", "0.5,1.5"]
+       "--scale-range", "0.5,1.5", "--val-split", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ def test_trained_model_labels_held_out_images_correctly(trained):
     tta = label_and_score(runner, root / "val" / "images", root / "out-tta", ckpt, root / "val",
                           "--tta", "--tta-scales", "0.75,1,1.25", "--tta-flip")
     assert tta["miou"] >= 0.85, tta
-    record = json.loads(next((root / "out-tta" / "_runs").glob("*.json")).read_text())
+    (record,) = read_runs(str(root / "out-tta"))
     assert record["spec"]["tta"] is True and record["spec"]["tta_scales"] == [0.75, 1.0, 1.25]
     print(f"mIoU plain {scores['miou']:.4f}, TTA {tta['miou']:.4f}, "
           f"R<->B swapped {swap_scores['miou']:.4f}, shifted 4px {shift_scores['miou']:.4f}")

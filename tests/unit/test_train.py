@@ -162,3 +162,55 @@ def test_samples_are_deterministic_per_epoch(tiny_set):
     ds.set_epoch(1)
     assert not torch.equal(ds[3][0], a[0])
     assert a[0].shape == (3, 24, 24) and a[1].dtype == torch.int64
+
+
+def test_validation_split_and_learning_rate_defaults():
+    from pipeline.training.train import BASE_LR, pick_lr, split_validation
+
+    pairs = [(f"i{k}", f"m{k}") for k in range(30)]
+    train_pairs, val = split_validation(pairs, 0.1, seed=0)
+    assert len(val) == 3 and len(train_pairs) == 27 and not set(val) & set(train_pairs)
+    assert split_validation(pairs, 0.1, seed=0) == (train_pairs, val)
+    assert split_validation(pairs[:9], 0.1, seed=0) == (pairs[:9], [])  # too few to spare any
+    assert split_validation(pairs, 0.0, seed=0) == (pairs, [])
+    assert pick_lr(8, fine_tune=False) == BASE_LR and pick_lr(16, fine_tune=False) == 2 * BASE_LR
+    assert pick_lr(8, fine_tune=True) == pytest.approx(BASE_LR / 2)
+
+
+def test_best_epoch_is_kept_and_training_stops_when_validation_stalls(tmp_path):
+    """lr ~ 0: validation mIoU cannot keep improving, so patience 1 stops the run; the
+    checkpoint holds the best epoch's weights (scored again here: the same mIoU)."""
+    from pipeline.training.train import evaluate_pairs, split_validation
+
+    data = tmp_path / "data"
+    make_synthetic_set(data, count=12, size=32, seed=0)
+    out = tmp_path / "m.pt"
+    lines: list[str] = []
+    result = train(data, arch="drn_d_22", out=out, epochs=8, batch_size=8, size=32, lr=1e-12,
+                   patience=1, log=lines.append)
+    assert result.stopped_early and 4 <= result.epochs < 8  # never in the first half
+    assert result.history[-1].epoch - result.best_epoch >= 1  # stopped once stale (patience 1)
+    if result.epochs > 4:
+        assert result.history[-2].epoch == result.best_epoch  # ... and at the first stale epoch
+    assert result.best_miou == max(h.val_miou for h in result.history)
+    assert any(line.startswith("no better validation mIoU for 1 epochs: stopped") for line in lines)
+    model = drn.create_model("drn_d_22", weights=out)
+    _, val = split_validation(list_samples(data), 0.1, seed=0)
+    score = evaluate_pairs(model, val, model.drn_config.label_set, torch.device("cpu")).miou()
+    assert score == pytest.approx(result.best_miou, abs=1e-9)
+    # A stopped run is finished: the same call again does nothing.
+    again = train(data, arch="drn_d_22", out=out, epochs=8, batch_size=8, size=32, lr=1e-12,
+                  patience=1, log=lines.append)
+    assert again.seconds == 0.0 and again.stopped_early and "stopped early" in lines[-1]
+
+
+def test_a_diverging_default_learning_rate_is_lowered_and_restarted(tmp_path, tiny_set, monkeypatch):
+    from pipeline.training import train as train_module
+
+    monkeypatch.setattr(train_module, "BASE_LR", 1e9)  # a rate no data survives
+    lines: list[str] = []
+    with pytest.raises(train_module.DivergedError, match="lower --lr"):
+        train(tiny_set, arch="drn_d_22", out=tmp_path / "m.pt", epochs=2, batch_size=4, size=32,
+              log=lines.append)
+    restarts = [line for line in lines if "starting over with lr" in line]
+    assert [r.rsplit(" ", 1)[1] for r in restarts] == ["1.25e+08", "3.125e+07"]  # 1e9 x 4/8, quartered twice
