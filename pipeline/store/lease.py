@@ -6,7 +6,10 @@ change to it is a compare-and-swap against the version that was read:
 - locally, under an exclusive ``flock`` of ``_state/lease.lock``, the file is read,
   compared and replaced by an atomic rename (`drn.io.atomic_write`);
 - on S3, by conditional writes: ``If-None-Match: *`` to create it, ``If-Match: <etag>``
-  to replace the version that was read.
+  to replace the version that was read;
+- on other object stores (``gs://``), by read, compare and write: pyarrow's GCS
+  filesystem has no conditional writes, so two runs starting in the same instant could
+  both believe they won until the next heartbeat shows one of them the other's lease.
 
 So two runs that start together cannot both win, a heartbeat never overwrites a lease
 another run has taken, and a run whose lease is gone (taken over, or released by the run
@@ -65,6 +68,14 @@ def _read(output: str) -> tuple[dict | None, object]:
         except FileNotFoundError:
             return None, None
         token = raw
+    elif not _is_s3(output):  # another object store (gs://): the content is the version
+        import pyarrow.fs as pafs
+
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None, None
+        with fs.open_input_stream(path) as stream:
+            raw = stream.read()
+        token = raw
     else:
         import botocore.exceptions
 
@@ -81,6 +92,10 @@ def _read(output: str) -> tuple[dict | None, object]:
     except ValueError:
         lease = {}
     return (lease if isinstance(lease, dict) else {}), token
+
+
+def _is_s3(output: str) -> bool:
+    return output.lower().startswith("s3://")
 
 
 def _s3():
@@ -124,6 +139,19 @@ def _swap(output: str, expected: object, lease: dict | None) -> object | None:
             with atomic_write(path) as f:
                 f.write(body)
             return body
+    if not _is_s3(output):
+        # No conditional writes through pyarrow's GCS filesystem: read, compare, write.
+        # Two runs starting within the same moment could both pass the compare; the
+        # heartbeat's next read shows the loser the other's lease, and it stops committing.
+        from pipeline.store.fs import write_bytes_atomic
+
+        if _read(output)[1] != expected:
+            return None
+        if lease is None:
+            fs.delete_file(path)
+            return b""
+        write_bytes_atomic(output, LEASE_FILE, body)
+        return body
     import botocore.exceptions
 
     bucket, _, key = path.partition("/")

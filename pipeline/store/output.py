@@ -151,6 +151,9 @@ def hf_features(schema: pa.Schema) -> dict[str, Any]:
         if pa.types.is_timestamp(arrow_type):
             tz = f", tz={arrow_type.tz}" if arrow_type.tz else ""
             return {"dtype": f"timestamp[{arrow_type.unit}{tz}]", "_type": "Value"}
+        if pa.types.is_struct(arrow_type):  # a dict of features (e.g. the probs cell)
+            return {arrow_type.field(i).name: feature(arrow_type.field(i).type)
+                    for i in range(arrow_type.num_fields)}
         return {"dtype": str(arrow_type), "_type": "Value"}
 
     return {f.name: {"_type": "Image"} if f.name == "mask" else feature(f.type) for f in schema}

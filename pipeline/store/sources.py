@@ -184,7 +184,8 @@ def _units(fs: pafs.FileSystem, base: str) -> tuple[str, ...]:
     entries = fs.get_file_info(pafs.FileSelector(base, recursive=False))
     folders = sorted(i.base_name for i in entries
                      if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
-    return ("", *folders)
+    # A store that reports no sub-prefixes in a listing (the GCS emulator) is listed whole.
+    return ("", *folders) if folders else ("*",)
 
 
 def list_unit(plan: InputPlan, unit: str) -> pa.Table:

@@ -254,7 +254,7 @@ def test_export_targets_fail_cleanly_and_names_never_collide(ray_session, cli_ru
     folder = tmp_path / "existing"
     folder.mkdir()
     res = cli_runner.invoke(cli, ["export", str(out), "--format", "coco", "--out", str(folder)])
-    assert res.exit_code == 2 and "is a folder; give the JSON file to write" in res.output
+    assert res.exit_code == 2 and "is a folder; give the file to write" in res.output
     assert list(folder.iterdir()) == []  # nothing half-written left behind
     res = cli_runner.invoke(cli, ["export", str(out), "--format", "png", "--out", str(tmp_path / "png")])
     assert res.exit_code == 0, res.output

@@ -114,4 +114,4 @@ def test_gs_input_output_and_weights(gcs_server, checkpoint, label, tmp_path, ra
     assert rows["sub/b.png"].mask.shape == (40, 40)
     assert all(f.startswith(f"{bucket}/out/data/part-") for f in data_files(output))
     again = label(source, output, weights)["output"]
-    assert "3 inputs, 3 already labelled, 0 to label" in again  # resumes on gs:// too
+    assert "0 ok, 0 errors, 3 already labelled (of 3 inputs)" in again  # resumes on gs:// too
