@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, TextIO
 
-from pipeline.store.output import PROGRESS_FILE
 
 
 def utc_now() -> str:

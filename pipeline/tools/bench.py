@@ -13,7 +13,6 @@ without start-up, and the peak memory of the driver and of each kind of Ray work
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

@@ -104,7 +104,7 @@ def iter_agreement(output: str, a: OutputMetadata, b: OutputMetadata,
     chunk: dict[str, object] = {}
 
     def flush() -> Iterator[ImageAgreement]:
-        nonlocal only_a, seen_b, matched
+        nonlocal only_a, matched
         found = dict(_ok_masks(output, b, list(chunk)))
         for image_id, cell in chunk.items():
             other = found.get(image_id)

@@ -18,7 +18,6 @@ version 1), streaming row batches so memory stays bounded however large the run.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence

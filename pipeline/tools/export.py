@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import pyarrow.compute as pc
 
 from drn.io import atomic_write
 from pipeline.errors import UsageError

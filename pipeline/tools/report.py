@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import heapq
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone

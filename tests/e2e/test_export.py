@@ -15,25 +15,13 @@ import pytest
 from PIL import Image
 
 import drn
-from pipeline import decode_mask, read_masks
+from pipeline import read_masks
 from pipeline.cli import cli
 from pipeline.store.formats import brush_rle, mask_png_name
 from pipeline.store.output import METADATA_KEY, OutputMetadata, data_files
-from tests.outputs import small_run
 
 CITYSCAPES = drn.get_preset("cityscapes")
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "output.md"
-
-
-@pytest.fixture(scope="module")
-def run(request, tmp_path_factory, ray_session):
-    return small_run(request.config, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def masks(run) -> dict[str, np.ndarray]:
-    """The Parquet's masks by image id (ok rows)."""
-    return {r["image_id"]: decode_mask(r["mask"]) for r in run.table.to_pylist() if r["status"] == "ok"}
 
 
 def test_the_run_has_good_and_bad_rows(run, masks):

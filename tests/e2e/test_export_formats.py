@@ -14,22 +14,10 @@ import pytest
 import yaml
 
 import drn
-from pipeline import decode_mask
 from pipeline.cli import cli
 from pipeline.tools.export import mask_png_name
-from tests.outputs import small_run
 
 CITYSCAPES = drn.get_preset("cityscapes")
-
-
-@pytest.fixture(scope="module")
-def run(request, tmp_path_factory, ray_session):
-    return small_run(request.config, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def masks(run) -> dict[str, np.ndarray]:
-    return {r["image_id"]: decode_mask(r["mask"]) for r in run.table.to_pylist() if r["status"] == "ok"}
 
 
 def painted(polygons_by_class: list[tuple[int, list[list[float]]]], shape) -> np.ndarray:

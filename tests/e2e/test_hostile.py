@@ -23,7 +23,6 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.cli import cli
 from pipeline.store.output import SCHEMA, data_files

@@ -11,7 +11,6 @@ from pipeline import spec as specmod
 
 
 def _write_images(folder: Path, seeds: range) -> None:
-    import cv2
 
     from tests.imagegen import scene
 

@@ -12,12 +12,6 @@ from pipeline.store.reader import read_metadata
 from pipeline.tools.export import label_studio_config
 from tests.e2e.test_export import brush_region
 from tests.labelstudio import LabelStudio, label_studio  # noqa: F401 - fixture
-from tests.outputs import small_run
-
-
-@pytest.fixture(scope="module")
-def run(request, tmp_path_factory, ray_session):
-    return small_run(request.config, tmp_path_factory)
 
 
 def tasks_of(api, url: str, project: int) -> list[dict]:

@@ -17,14 +17,8 @@ from pipeline import decode_mask, read_masks, read_probs
 from pipeline.cli import cli
 from pipeline.store.output import METADATA_KEY, SCHEMA, data_files
 from pipeline.tools.select import read_ids
-from tests.outputs import small_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def run(request, tmp_path_factory, ray_session):
-    return small_run(request.config, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

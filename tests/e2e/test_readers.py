@@ -9,12 +9,6 @@ import numpy as np
 import pytest
 
 from pipeline import decode_mask
-from tests.outputs import small_run
-
-
-@pytest.fixture(scope="module")
-def run(request, tmp_path_factory, ray_session):
-    return small_run(request.config, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

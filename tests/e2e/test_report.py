@@ -18,14 +18,8 @@ from pipeline.cli import cli
 from pipeline.store.output import decode_mask
 from pipeline.store.reader import read_metadata
 from pipeline.tools.report import Stats, gallery_item
-from tests.outputs import small_run
 
 CITYSCAPES = drn.get_preset("cityscapes")
-
-
-@pytest.fixture(scope="module")
-def run(request, tmp_path_factory, ray_session):
-    return small_run(request.config, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
