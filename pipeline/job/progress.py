@@ -94,6 +94,8 @@ def start_counter_actor():
 
 
 def format_line(p: Progress) -> str:
+    if p.state == "running" and not p.total and not p.skipped:
+        return f"starting: listing the inputs, loading the model ({p.elapsed_s:.0f}s)"
     done = p.labelled
     pct = 100.0 * done / p.total if p.total else 100.0
     width = 24

@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, TextIO
@@ -130,17 +131,19 @@ def ensure_ray(address: str | None) -> bool:
     # Predict actors share the CPUs with decode and write tasks: idle OpenMP threads must
     # sleep, not spin (spinning threads slowed CPU inference many times over under load).
     env_vars.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    runtime_env = {"env_vars": env_vars}
     # The CLI asks for ERROR unless -v (DRN_LABEL_RAY_LOG_LEVEL): at WARNING, ray.init prints
     # its start-up notices (token authentication) on every run.
     level = logging.getLevelName(os.environ.get("DRN_LABEL_RAY_LOG_LEVEL", "WARNING").upper())
     level = level if isinstance(level, int) else logging.WARNING
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False,
                  logging_level=level)
     else:
+        # An embedded Ray's workers inherit this environment; without a runtime_env they
+        # are the workers Ray starts with the node, not new ones started for the job.
+        os.environ.update(env_vars)
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 runtime_env=runtime_env, logging_level=level)
+                 logging_level=level)
     return True
 
 
@@ -181,12 +184,12 @@ def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: 
     """input -> skip done -> 16-row blocks -> decode -> predict -> encode (not executed)."""
 
     from pipeline.job.commit import skip_done
-    from pipeline.job.plan import input_dataset
+    from pipeline.job.plan import input_dataset, plan_map_args
     from pipeline.job.stages import PredictActor, decode_batch, encode_batch
 
     ds = input_dataset(plan)
-    ds = ds.map_batches(skip_done, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
-                        fn_kwargs={"writers": writers, "progress": progress})
+    ds = ds.map_batches(skip_done, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"writers": writers, "progress": progress}, **plan_map_args())
     # Ray fuses consecutive stages whose resources match; on a CPU-only cluster that would
     # run decoding inside the predict actors, in series with the model. Decode tasks
     # reserve the memory a block of the largest images takes, which also keeps them a
@@ -210,8 +213,13 @@ def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: 
     identity = RowIdentity(model=meta.model, weights_sha256=meta.weights_sha256, run_id=run_id,
                            num_classes=meta.num_classes, png_compression=spec.png_compression)
     # Encoding and handing rows to the shard writers reserve no CPU: labelled rows must
-    # never wait behind decode tasks for a core (they would pile up uncommitted).
+    # never wait behind decode tasks for a core (they would pile up uncommitted). Without a
+    # CPU to bound them, two tasks per predict worker keep pace (each is one PNG encode per
+    # row and a hand-over) without a worker process per waiting block.
+    from ray.data import TaskPoolStrategy
+
     ds = ds.map_batches(encode_batch, batch_format="pyarrow", batch_size=None, num_cpus=0,
+                        compute=TaskPoolStrategy(size=2 * spec.worker_range()[1]),
                         fn_kwargs={"identity": identity})
     return ds
 
@@ -329,6 +337,10 @@ def _run_leased(ctx: RunContext) -> RunResult:
                                     save=save, stream=stream).start()
         t_label = time.time()
         sink = LabelDatasink(writers, schema)
+        # A manifest of one file is read by one task; Ray Data warns that the planning
+        # stages' task cap (PLAN_TASK_CONCURRENCY) is more than that, which is intended.
+        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks",
+                                category=UserWarning)
         try:
             build_dataset(spec, plan, meta, run_id, writers, counter).write_datasink(
                 sink, ray_remote_args={"num_cpus": 0})

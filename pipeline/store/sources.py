@@ -460,6 +460,35 @@ def manifest_columns(plan: InputPlan) -> tuple[str, ...]:
     return ("uri", "image_id") if plan.has_image_id else ("uri",)
 
 
+def parquet_row_groups(plan: InputPlan) -> list[tuple[int, int]]:
+    """(row group, its first row) of a Parquet manifest, from the file's footer: the units
+    its rows are read in (`read_row_group`), however many rows it holds."""
+    import pyarrow.parquet as pq
+
+    fs, _ = resolve(plan.input)
+    with fs.open_input_file(plan.path) as f:
+        meta = pq.ParquetFile(f).metadata
+    units, first = [], 0
+    for i in range(meta.num_row_groups):
+        units.append((i, first))
+        first += meta.row_group(i).num_rows
+    return units
+
+
+def read_row_group(plan: InputPlan, row_group: int, first_row: int,
+                   batch_rows: int) -> Iterator[pa.Table]:
+    """The manifest rows (`manifest_rows`) of one row group of a Parquet manifest, `batch_rows`
+    at a time: only the manifest's columns are read, page by page."""
+    import pyarrow.parquet as pq
+
+    fs, _ = resolve(plan.input)
+    with fs.open_input_file(plan.path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, row_groups=[row_group],
+                                                    columns=list(manifest_columns(plan))):
+            yield manifest_rows(plan, pa.Table.from_batches([batch]), first_row=first_row)
+            first_row += batch.num_rows
+
+
 def csv_convert_options(plan: InputPlan):
     import pyarrow.csv as pcsv
 
