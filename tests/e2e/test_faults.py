@@ -37,11 +37,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import cli
+from pipeline.store.fs import resolve
 from pipeline.store.output import LEASE_FILE, RUNS_DIR, SCHEMA, data_files
 from pipeline.errors import LeaseHeld
 from pipeline.job.run import run_job
 from pipeline.job.commit import ShardWriter
-from pipeline.store.lease import LEASE_TTL_S, LeaseLost, acquire_lease, lease_holder, renew_lease
+from pipeline.store.lease import (LEASE_TTL_S, LeaseLost, acquire_lease, check_lease, lease_holder,
+                                  renew_lease)
 from pipeline.spec import JobSpec
 from tests.imagegen import scene
 from tests.modelkit import authors_checkpoint
@@ -222,7 +224,28 @@ def test_fail_fast_before_any_image_is_read(case, images, tmp_path, cli_runner, 
 
 # -- the lease ----------------------------------------------------------------------------------
 def test_simultaneous_starts_one_wins(tmp_path):
-    output = str(tmp_path / "out")
+    _one_of_four_wins(str(tmp_path / "out"))
+
+
+def test_on_s3_the_lease_is_a_conditional_write(s3_server):
+    """On S3 (the loopback server) the lease is taken with If-None-Match and renewed with
+    If-Match: of four runs starting together one wins, and a run whose lease was taken
+    over can neither renew it nor bring it back once released."""
+    output = f"s3://{s3_server.make_bucket()}/out"
+    _one_of_four_wins(output)
+    stalled = acquire_lease(output, "stalled-run")
+    renew_lease(output, "new-run")  # the other run took it over
+    assert not stalled.renew() and lease_holder(output) == "new-run"
+    with pytest.raises(LeaseLost, match="run stalled-run lost the lease"):
+        check_lease(output, "stalled-run", stalled.generation)
+    fs, root = resolve(output)
+    fs.delete_file(f"{root}/{LEASE_FILE}")  # the new run finished and released it
+    assert not stalled.renew() and lease_holder(output) is None
+    stalled.release()
+    assert lease_holder(output) is None
+
+
+def _one_of_four_wins(output: str) -> None:
     for attempt in range(3):
         barrier = threading.Barrier(4)
         outcome: dict[str, str] = {}
