@@ -57,6 +57,7 @@ def run_demo(root: Path, count: int, *, echo: Callable[[str], None] = print,
     from pipeline.job.run import run_job
     from pipeline.spec import JobSpec
     from pipeline.training.synth import make_synthetic_set
+    from pipeline.store.output import DATA_DIR, STATE_DIR
 
     root.mkdir(parents=True, exist_ok=True)
     ckpt = ensure_checkpoint(root, echo)
@@ -73,9 +74,9 @@ def run_demo(root: Path, count: int, *, echo: Callable[[str], None] = print,
                f"{scores['pixel_accuracy']:.3f} over {scores['images_evaluated']} images")
     echo(json.dumps(scores["per_class"], indent=None))
     echo(f"""
-The labels are in {out}/ (Parquet; non-data files start with _). Try:
+The labels are in {out}/{DATA_DIR}/ (Parquet files only; progress and run records are in {out}/{STATE_DIR}/). Try:
   drn-label inspect {out}
-  python -c "import duckdb; print(duckdb.sql(\\"SELECT image_id, confidence, class_fraction FROM read_parquet('{out}/**/*.parquet') ORDER BY confidence LIMIT 5\\"))"
-  python -c "import pandas as pd; print(pd.read_parquet('{out}')[['image_id', 'status', 'confidence']].head())"
+  python -c "import duckdb; print(duckdb.sql(\\"SELECT image_id, confidence, class_fraction FROM read_parquet('{out}/{DATA_DIR}/*.parquet') ORDER BY confidence LIMIT 5\\"))"
+  python -c "import pandas as pd; print(pd.read_parquet('{out}/{DATA_DIR}')[['image_id', 'status', 'confidence']].head())"
   drn-label report {out} --html {root}/report.html
 Rerun `drn-label demo` (or `drn-label run --job jobs/demo.toml`): nothing is labelled twice.""")
