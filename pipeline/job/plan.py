@@ -3,12 +3,14 @@
 The driver only decides how INPUT is listed (`pipeline.store.sources.plan_inputs`: a few
 metadata calls). A Parquet manifest is read by one streaming task per row group (the
 footer, read once on the driver, says how many), page by page; CSV and text manifests by
-Ray Data's own readers; each block becomes `image_id`/`uri` rows. A directory or glob is listed by one Ray task per listing unit (the files directly in
-the folder, and each sub-folder), each calling `pipeline.store.sources.list_unit`. So the
-driver's memory and the time to the first image do not grow with the number of inputs.
+Ray Data's own readers; each block becomes `image_id`/`uri` rows. A directory or glob is
+listed by one Ray task per listing unit (the files directly in the folder, and each
+sub-folder), each calling `pipeline.store.sources.list_unit`. So the driver's memory and
+the time to the first image do not grow with the number of inputs.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import pyarrow as pa
@@ -26,6 +28,11 @@ time (a manifest's single row group of a million rows is read by one streaming t
 lives as long as the run's input), so they reserve no CPU that decoding needs; at most
 PLAN_TASK_CONCURRENCY of each run at once instead."""
 
+# An input of fewer units than the cap (a manifest of one file, a folder without
+# sub-folders) makes Ray Data warn that the cap is more than it can use; that is intended.
+warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks",
+                        category=UserWarning)
+
 
 def plan_map_args() -> dict:
     """Ray Data map_batches arguments of a planning stage (see PLAN_TASK_CPUS)."""
@@ -35,6 +42,7 @@ def plan_map_args() -> dict:
 
 
 def _read_args() -> dict:
+    """The same for Ray Data's file readers, which take the cap as `concurrency`."""
     return {"num_cpus": PLAN_TASK_CPUS, "concurrency": PLAN_TASK_CONCURRENCY}
 
 

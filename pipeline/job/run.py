@@ -16,7 +16,6 @@ import socket
 import sys
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, TextIO
@@ -139,9 +138,10 @@ def ensure_ray(address: str | None) -> bool:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False,
                  logging_level=level)
     else:
-        # An embedded Ray's workers inherit this environment; without a runtime_env they
-        # are the workers Ray starts with the node, not new ones started for the job.
-        os.environ.update(env_vars)
+        # An embedded Ray's workers inherit this environment (the DRN_LABEL_* and endpoint
+        # variables are already in it); without a runtime_env they are the workers Ray
+        # starts with the node, not new ones started for the job.
+        os.environ.setdefault("OMP_WAIT_POLICY", env_vars["OMP_WAIT_POLICY"])
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  logging_level=level)
     return True
@@ -337,10 +337,6 @@ def _run_leased(ctx: RunContext) -> RunResult:
                                     save=save, stream=stream).start()
         t_label = time.time()
         sink = LabelDatasink(writers, schema)
-        # A manifest of one file is read by one task; Ray Data warns that the planning
-        # stages' task cap (PLAN_TASK_CONCURRENCY) is more than that, which is intended.
-        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks",
-                                category=UserWarning)
         try:
             build_dataset(spec, plan, meta, run_id, writers, counter).write_datasink(
                 sink, ray_remote_args={"num_cpus": 0})

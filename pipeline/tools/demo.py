@@ -56,8 +56,8 @@ def run_demo(root: Path, count: int, *, echo: Callable[[str], None] = print,
     from pipeline.tools.evaluate import evaluate_output
     from pipeline.job.run import run_job
     from pipeline.spec import JobSpec
-    from pipeline.training.synth import make_synthetic_set
     from pipeline.store.output import DATA_DIR, STATE_DIR
+    from pipeline.training.synth import make_synthetic_set
 
     root.mkdir(parents=True, exist_ok=True)
     ckpt = ensure_checkpoint(root, echo)
