@@ -42,6 +42,7 @@ import torch.hub
 from torch import nn
 
 from drn.catalog import get_builder, list_models
+from drn.errors import ModelError, Setting
 from drn.io import atomic_write
 from drn.labels import LabelSet, get_preset
 from drn.seg import DRNSeg
@@ -72,7 +73,7 @@ _SHOWN_KEYS = 5
 DOWNLOAD_TIMEOUT_S = 60.0  # seconds a download may wait for the next bytes
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """A checkpoint cannot be read, or does not fit the model asked for."""
 
 
@@ -254,10 +255,10 @@ def _resolve(source: str | os.PathLike, cache_dir: Path | None) -> tuple[Path, R
     else:
         path = Path(text)
     if not path.is_file():
-        raise CheckpointError(
-            f"{text}: no such file; pass a path, a file:// or http(s):// URL, or one of "
-            f"drn.checkpoints.RELEASED_WEIGHTS ({', '.join(list(RELEASED_WEIGHTS)[:3])}, ...)"
-        )
+        raise CheckpointError.spelled(
+            "{source}: no such file; pass a path, a file:// or http(s):// URL, or a released "
+            "checkpoint's name ({examples}, ...; {list:weights} has them all)", source=text,
+            examples=", ".join(list(RELEASED_WEIGHTS)[:3]))
     return path, released
 
 
@@ -487,14 +488,12 @@ def load_into(model: nn.Module, checkpoint: Checkpoint, *, arch: str, copy: bool
             ]
             problems.append(f"{len(mismatched)} shape mismatches, checkpoint vs model ({_first(shapes)})")
         guesses = [g for g in guess_architecture(checkpoint.state_dict) if g != arch]
-        if guesses:
-            hint = f"the file looks like {' or '.join(guesses)}: use create_model({guesses[0]!r}, ...)"
-        else:
-            hint = "the file matches no registered architecture"
-        raise CheckpointError(
-            f"{source}: the weights do not fit {arch} (task {task!r}): "
-            + "; ".join(problems) + f"; {hint}"
-        )
+        hint = ("the file looks like {guesses}: use {use}" if guesses
+                else "the file matches no registered architecture")
+        raise CheckpointError.spelled(
+            "{source}: the weights do not fit {arch} (task {task!r}): {problems}; " + hint,
+            source=source, arch=arch, task=task, problems="; ".join(problems),
+            guesses=" or ".join(guesses), use=Setting("model", guesses[0]) if guesses else None)
 
     if backbone_only:
         model.base.load_state_dict({k[len("base."):]: v for k, v in state_dict.items()}, strict=True)

@@ -10,6 +10,7 @@ from torch import nn
 
 from drn.catalog import get_builder, list_models
 from drn.checkpoints import Checkpoint, CheckpointError, load_checkpoint, load_into, state_dict_sha256
+from drn.errors import ModelError, Setting
 from drn.labels import LabelSet, check_num_classes, load_label_set
 from drn.seg import DRNSeg
 
@@ -68,22 +69,21 @@ def _resolve_num_classes(
     if from_checkpoint is not None:
         source, head = checkpoint.source, checkpoint.head_key
         if num_classes is not None and num_classes != from_checkpoint:
-            raise CheckpointError(
-                f"{source}: num_classes conflict: expected {num_classes} (the num_classes "
-                f"argument) but got {from_checkpoint} from the checkpoint's {head}; leave "
-                f"num_classes out to use {from_checkpoint}"
-            )
+            raise CheckpointError.spelled(
+                "{source}: num_classes conflict: expected {asked} (given as {arg:num_classes}) but got "
+                "{found} from the checkpoint's {head}; leave {arg:num_classes} out to use {found}",
+                source=source, asked=num_classes, found=from_checkpoint, head=head)
         if classes_given and label_set is not None and label_set.num_classes != from_checkpoint:
-            raise CheckpointError(
-                f"{source}: num_classes conflict: expected {label_set.num_classes} (label set "
-                f"{label_set.name!r}) but got {from_checkpoint} from the checkpoint's {head}; "
-                f"pass a label set with {from_checkpoint} classes"
-            )
+            raise CheckpointError.spelled(
+                "{source}: num_classes conflict: expected {asked} (label set {label_set!r}) "
+                "but got {found} from the checkpoint's {head}; pass a label set "
+                "with {found} classes", source=source, asked=label_set.num_classes,
+                label_set=label_set.name, found=from_checkpoint, head=head)
     if num_classes is not None and label_set is not None and num_classes != label_set.num_classes:
-        raise ValueError(
-            f"{name}: num_classes={num_classes} but label set {label_set.name!r} has "
-            f"{label_set.num_classes} classes; pass one of them, or make them agree"
-        )
+        raise ModelError.spelled(
+            "{name}: {arg:num_classes} {asked} but label set {label_set!r} ({arg:classes}) has "
+            "{found} classes; pass one of them, or make them agree", name=name,
+            asked=num_classes, label_set=label_set.name, found=label_set.num_classes)
     if num_classes is not None:
         resolved = num_classes
     elif label_set is not None:
@@ -93,10 +93,10 @@ def _resolve_num_classes(
     if resolved is None:
         if task == "classify":
             return 1000  # ImageNet, as the released classifiers
-        raise ValueError(
-            f"{name}: the number of classes is unknown; pass num_classes=, classes= (a preset "
-            "such as 'cityscapes', a LabelSet or a label file) or weights that carry them"
-        )
+        raise ModelError.spelled(
+            "{name}: the number of classes is unknown; pass {arg:num_classes}, {arg:classes} (a "
+            "preset such as 'cityscapes' or a label file) or {arg:weights} that carry "
+            "them", name=name)
     return _check_num_classes(name, resolved)
 
 
@@ -104,7 +104,7 @@ def _check_num_classes(name: str, num_classes: int) -> int:
     try:
         return check_num_classes(num_classes)  # 1 .. 65,536: what a mask can hold
     except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
+        raise ModelError(f"{name}: {exc}") from None
 
 
 def _build(name: str, task: str, num_classes: int, seed: int | None) -> nn.Module:
@@ -161,10 +161,10 @@ def create_model(
         checkpoint = weights if isinstance(weights, Checkpoint) else load_checkpoint(weights)
         # Only a registered name is trusted (other scripts write their own spellings).
         if checkpoint.arch in list_models() and checkpoint.arch != name:
-            raise CheckpointError(
-                f"{checkpoint.source}: the checkpoint holds {checkpoint.arch} (its metadata "
-                f"says so) but {name} was asked for; use create_model({checkpoint.arch!r}, ...)"
-            )
+            raise CheckpointError.spelled(
+                "{source}: the checkpoint holds {arch} (its metadata says so) but {name} was "
+                "asked for; use {use}", source=checkpoint.source, arch=checkpoint.arch, name=name,
+                use=Setting("model", checkpoint.arch))
     label_set = load_label_set(classes) if classes is not None else None
     if label_set is None and checkpoint is not None and checkpoint.task == task:
         label_set = checkpoint.label_set

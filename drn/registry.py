@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
+from drn.errors import ModelError
+
 __all__ = ["ModelInfo", "register_model", "registered_names", "lookup_builder"]
 
 Builder = TypeVar("Builder", bound=Callable[..., object])
@@ -88,6 +90,5 @@ def lookup_builder(name: str) -> Callable[..., object]:
     except KeyError:
         close = _close_matches(str(name))
         hint = f"close matches: {', '.join(close)}" if close else "no close match"
-        raise ValueError(
-            f"unknown model {name!r} ({hint}); drn.list_models() lists all {len(_REGISTRY)}"
-        ) from None
+        raise ModelError.spelled("unknown model {name!r} ({hint}); {list:models} lists all {count}",
+                                 name=name, hint=hint, count=len(_REGISTRY)) from None

@@ -19,10 +19,21 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from drn.errors import Spelling
 from pipeline.errors import UsageError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULE_KINDS = ("raycronjob", "rayjob", "cronjob")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a JobSpec key (`num_classes` -> `--num-classes`)."""
+    return "--" + name.replace("_", "-")
+
+
+FLAGS = Spelling(argument=flag, setting=lambda name, value: f"{flag(name)} {value}",
+                 listing={"models": "`drn-label models`", "weights": "`drn-label models`"})
+"""drn's messages in the terms of `run`'s flags (see drn.errors)."""
 
 
 class SpecError(UsageError):
@@ -164,6 +175,9 @@ class JobSpec:
     save_probs: bool = key(False, "Also store per-pixel class probabilities in the probs column "
                                   "(uint8, averaged over 8 x 8 pixel blocks; docs/output.md).")
     precision: str = key("fp32", "Inference precision.", choices=PRECISIONS)
+    stand_in: bool = key(False, "Replace the model by a stand-in that costs nothing (zero "
+                                "logits): shows how fast the pipeline alone feeds a model; rows "
+                                "are labelled as model `stand-in`.")
     retries: int = key(3, "Retries of transient read failures per image.", min=0)
     max_bytes: int = key(256 << 20, "Largest image file read, in bytes; larger files become error rows.",
                          min=1)

@@ -341,7 +341,7 @@ def test_num_classes_conflict_names_both_numbers(seg22, tmp_path):
     with pytest.raises(drn.CheckpointError) as info:
         drn.create_model("drn_d_22", num_classes=7, weights=path)
     assert str(info.value) == (
-        f"{path}: num_classes conflict: expected 7 (the num_classes argument) but got 19 "
+        f"{path}: num_classes conflict: expected 7 (given as num_classes) but got 19 "
         "from the checkpoint's seg.weight; leave num_classes out to use 19"
     )
     labels = tmp_path / "seven.txt"

@@ -100,6 +100,12 @@ def quiet_ray() -> None:
     # Read by ensure_ray, which starts Ray with this level: `import ray` resets the "ray"
     # logger, so setting it here alone would not hide the token-authentication notice.
     os.environ.setdefault("DRN_LABEL_RAY_LOG_LEVEL", "ERROR")
+    # Ray's C++ side prints error-level lines on the driver's stderr that are not errors of
+    # the run: Ray Data hands every actor pool its transform as an object reference, and
+    # Ray core then warns on each actor's creation that restarts could fail if that object
+    # were lost (ray-project/ray#57733; the driver holds it for the whole run). Real
+    # failures reach us as Python exceptions; -v (or RAY_BACKEND_LOG_LEVEL) shows the rest.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

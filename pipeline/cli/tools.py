@@ -71,23 +71,26 @@ def export(output: str, fmt: str, out: Path, colour: bool, polygons: bool, model
 @click.option("--size", type=click.IntRange(min=16), default=512)
 @click.option("--model", "arch", default="drn_d_22")
 @click.option("--num-classes", type=click.IntRange(min=2), default=19)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per forward pass [default: run's default].")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where images and outputs go [default: a temporary directory].")
 @click.option("--device", default="auto")
-@click.option("--skip-naive", is_flag=True, help="Leave out (c), the naive loop.")
+@click.option("--skip-plain", is_flag=True, help="Leave out (c), one plain process.")
+@click.option("--stand-in", is_flag=True,
+              help="Replace the model by one that costs nothing: how fast the pipeline feeds a model.")
 @click.option("--png-levels", is_flag=True, help="Also measure bytes and time per mask per PNG level.")
 @click.option("--memory-sizes", default=None,
               help="Comma-separated image counts (e.g. 1000,5000): pipeline peak memory at each.")
 @click.option("--run-arg", "run_args", multiple=True, help="Extra option for `drn-label run` (repeatable).")
-def bench(count, size, arch, num_classes, batch_size, workdir, device, skip_naive, png_levels,
-          memory_sizes, run_args) -> None:
-    """Measure the bare model, the full pipeline and a naive loop on the same images."""
+def bench(count, size, arch, num_classes, batch_size, workdir, device, skip_plain, stand_in,
+          png_levels, memory_sizes, run_args) -> None:
+    """Measure the bare model, the full pipeline and one plain process on the same images."""
     from pipeline.tools.bench import run_bench
 
     run_bench(count=count, size=size, arch=arch, num_classes=num_classes, batch_size=batch_size,
-              workdir=workdir, device=device, skip_naive=skip_naive, png_levels=png_levels,
-              memory_sizes=memory_sizes, run_args=run_args, echo=click.echo)
+              workdir=workdir, device=device, skip_plain=skip_plain, png_levels=png_levels,
+              memory_sizes=memory_sizes, run_args=run_args, stand_in=stand_in, echo=click.echo)
 
 
 @click.command()

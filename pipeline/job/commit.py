@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -33,17 +34,38 @@ COMMIT_INTERVAL_S = 15.0
 """A shard commits its buffered rows at the latest this long after the oldest arrived."""
 
 
+@dataclass(frozen=True)
+class CommittedFile:
+    """One data file a shard writer committed."""
+
+    file: str
+    rows: int
+    ok: int
+    errors: int
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What one shard writer did in a run."""
+
+    files: tuple[CommittedFile, ...]
+    repeated: int  # rows dropped because this run already had their image id
+    lost: str | None  # why the lease was lost, if it was
+    existing: int  # this identity's rows found in OUTPUT at the start
+    existing_duplicates: int  # of which repeat an image id (an earlier run was interrupted)
+
+
 class ShardWriter:
     """The actor body (see the module doc). Methods are called from several threads."""
 
     def __init__(self, *, output: str, run_id: str, generation: int | None, shard: int,
                  schema: pa.Schema, rows_per_file: int, commit_interval_s: float,
-                 done_refs: list, skip_status: tuple[str, ...], progress=None) -> None:
+                 done_refs: list, skip_status: tuple[str, ...], counter=None) -> None:
         import ray
 
         self.output, self.run_id, self.generation, self.shard = output, run_id, generation, shard
         self.schema, self.rows_per_file = schema, rows_per_file
-        self.commit_interval_s, self.progress = commit_interval_s, progress
+        self.commit_interval_s, self.counter = commit_interval_s, counter
         existing = skip = 0
         done: set[str] = set()
         self.skip: set[str] = set()
@@ -65,7 +87,7 @@ class ShardWriter:
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.first_t: float | None = None
-        self.files: list[dict] = []
+        self.files: list[CommittedFile] = []
         self.lost: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -118,15 +140,15 @@ class ShardWriter:
         name = data_file_name(self.run_id, table.column("image_id").to_pylist())
         write_table_atomic(self.output, name, table)
         errors = sum(1 for s in table.column("status").to_pylist() if s != "ok")
-        self.files.append({"file": name, "rows": table.num_rows, "ok": table.num_rows - errors,
-                           "errors": errors})
-        if self.progress is not None:
+        self.files.append(CommittedFile(file=name, rows=table.num_rows, ok=table.num_rows - errors,
+                                        errors=errors))
+        if self.counter is not None:
             try:
-                self.progress.add_committed.remote(table.num_rows - errors, errors)
+                self.counter.add_committed.remote(table.num_rows - errors, errors)
             except Exception:  # noqa: BLE001 - progress must never fail a commit
                 pass
 
-    def finish(self) -> dict:
+    def finish(self) -> ShardResult:
         """Commit what is left; what this shard did."""
         self._stop.set()
         with self._lock:
@@ -135,8 +157,9 @@ class ShardWriter:
                     self._commit()
                 except LeaseLost:
                     pass
-            return {"files": list(self.files), "repeated": self.repeated, "lost": self.lost,
-                    "existing": self.existing, "existing_duplicates": self.existing_duplicates}
+            return ShardResult(files=tuple(self.files), repeated=self.repeated, lost=self.lost,
+                               existing=self.existing,
+                               existing_duplicates=self.existing_duplicates)
 
 
 def start_shard_writers(shards: int, **kwargs) -> list:
@@ -184,7 +207,7 @@ def load_done_set(output: str, files: list[str], meta, shards: int,
     return refs
 
 
-def skip_done(batch: pa.Table, *, writers: list, progress=None) -> pa.Table:
+def skip_done(batch: pa.Table, *, writers: list, counter=None) -> pa.Table:
     """The skip stage: drop the rows whose image id the shard's done set holds."""
     import ray
 
@@ -200,9 +223,9 @@ def skip_done(batch: pa.Table, *, writers: list, progress=None) -> pa.Table:
         for row, label in zip(rows, ray.get(answers[shard])):
             keep[row] = label
     todo = batch.filter(pa.array(keep, pa.bool_()))
-    if progress is not None:
+    if counter is not None:
         try:
-            progress.add_listed.remote(batch.num_rows, batch.num_rows - todo.num_rows)
+            counter.add_listed.remote(batch.num_rows, batch.num_rows - todo.num_rows)
         except Exception:  # noqa: BLE001
             pass
     return todo

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import platform
-import re
 import socket
 import sys
 import time
@@ -25,11 +24,12 @@ import pyarrow.fs as pafs
 
 from pipeline.errors import EXIT_ERROR_RATE, EXIT_OK, JobError
 from pipeline.job.progress import Progress, ProgressReporter
-from pipeline.job.stages import ModelSpec, RowIdentity
+from pipeline.job.model import describe_model
+from pipeline.job.stages import RowIdentity
 from pipeline.spec import JobSpec
 from pipeline.store.fs import resolve, write_bytes_atomic
 from pipeline.store.lease import Lease, LeaseLost, acquire_lease
-from pipeline.store.output import (PROBS_STRIDE, PROGRESS_FILE, RUNS_DIR, OutputMetadata, data_files,
+from pipeline.store.output import (PROGRESS_FILE, RUNS_DIR, OutputMetadata, data_files,
                                    foreign_files, schema_with_metadata)
 from pipeline.store.reconcile import clean_tmp, drop_replaced_rows, remove_identity_rows
 from pipeline.store.sources import InputError, InputPlan, no_inputs_error, plan_inputs
@@ -91,26 +91,6 @@ def check_output(output: str) -> None:
         raise JobError(f"OUTPUT {output} is not writable: {' '.join(str(exc).split())}") from None
 
 
-def describe_model(spec: JobSpec):
-    """Build the model once on the driver: bad weights or classes fail here, before any image."""
-    import drn
-
-    from pipeline.store.weights import local_weights
-
-    weights = local_weights(spec.weights)  # s3://, gs://, hf:// -> a cached local file
-    try:
-        model = drn.create_model(spec.model, weights=weights, classes=spec.classes,
-                                 num_classes=spec.num_classes, task="segment")
-    except Exception as exc:
-        # The library speaks Python; the CLI user needs the option to change.
-        message = re.sub(r"use create_model\('([\w]+)', \.\.\.\)", r"use --model \1", str(exc))
-        raise JobError(f"cannot build model {spec.model}"
-                       f"{' from ' + spec.weights if spec.weights else ''}: {message}") from None
-    cfg = model.drn_config
-    del model
-    return OutputMetadata.from_model(spec.model, spec.weights, cfg)
-
-
 # -- Ray ------------------------------------------------------------------------------------
 def ensure_ray(address: str | None) -> bool:
     """Connect to ADDRESS (or RAY_ADDRESS), else start an embedded local Ray. True if we started it."""
@@ -147,16 +127,17 @@ def ensure_ray(address: str | None) -> bool:
     return True
 
 
-def default_torch_threads(spec: JobSpec) -> int | None:
-    """On CPU, give each predict actor the cores decoding does not need (Ray's default is 1)."""
-    if spec.torch_threads:
-        return spec.torch_threads
-    if spec.gpus_per_worker > 0:
-        return None
+def resolve_auto(spec: JobSpec) -> JobSpec:
+    """The spec the predict actors receive: the defaults that depend on the cluster filled in.
+
+    On CPU each predict actor gets the cores decoding does not need (Ray's default is one
+    torch thread)."""
+    if spec.torch_threads or spec.gpus_per_worker > 0:
+        return spec
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, cpus // spec.worker_range()[1])  # the most actors that may share them
+    return spec.replace(torch_threads=max(1, cpus // spec.worker_range()[1]))
 
 
 def actor_pool(spec: JobSpec):
@@ -180,7 +161,7 @@ def shard_count(spec: JobSpec, existing_files: int) -> int:
 
 
 def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: str,
-                  writers: list, progress=None):
+                  writers: list, counter=None):
     """input -> skip done -> 16-row blocks -> decode -> predict -> encode (not executed)."""
 
     from pipeline.job.commit import skip_done
@@ -189,7 +170,7 @@ def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: 
 
     ds = input_dataset(plan)
     ds = ds.map_batches(skip_done, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"writers": writers, "progress": progress}, **plan_map_args())
+                        fn_kwargs={"writers": writers, "counter": counter}, **plan_map_args())
     # Ray fuses consecutive stages whose resources match; on a CPU-only cluster that would
     # run decoding inside the predict actors, in series with the model. Decode tasks
     # reserve the memory a block of the largest images takes, which also keeps them a
@@ -199,16 +180,9 @@ def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: 
                         num_cpus=spec.decode_cpus, memory=decode_memory,
                         fn_kwargs={"max_side": spec.max_side, "retries": spec.retries,
                                    "max_bytes": spec.max_bytes, "max_pixels": spec.max_pixels})
-    model_spec = ModelSpec(model=spec.model, weights=spec.weights, classes=spec.classes,
-                           num_classes=spec.num_classes, precision=spec.precision,
-                           batch_size=spec.batch_size, torch_threads=default_torch_threads(spec),
-                           size_bucket=spec.size_bucket,
-                           tta_scales=spec.tta_scales if spec.tta else None,
-                           tta_flip=spec.tta and spec.tta_flip,
-                           probs_stride=PROBS_STRIDE if spec.save_probs else None)
     ds = ds.map_batches(PredictActor, batch_format="pyarrow", batch_size=spec.batch_size,
                         compute=actor_pool(spec),
-                        fn_constructor_args=(model_spec, progress), num_cpus=spec.cpus_per_worker,
+                        fn_constructor_args=(spec, counter), num_cpus=spec.cpus_per_worker,
                         num_gpus=spec.gpus_per_worker or None)
     identity = RowIdentity(model=meta.model, weights_sha256=meta.weights_sha256, run_id=run_id,
                            num_classes=meta.num_classes, png_compression=spec.png_compression)
@@ -229,23 +203,12 @@ def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
             stream: TextIO | None = None) -> RunResult:
     """Run one labelling job to completion. Raises JobError for what cannot start."""
     echo = echo or (lambda msg: print(msg, file=sys.stderr))
-    spec = spec.validate()
+    spec = _absolute(spec.validate())
     t_start = time.time()
-    output = spec.output.rstrip("/") if "://" in spec.output else os.path.abspath(spec.output)
-    spec = spec.replace(output=output)
-    for key in ("weights", "classes"):  # predict actors may run in another working directory
-        value = getattr(spec, key)
-        if value and "://" not in value and os.path.isfile(value):
-            spec = spec.replace(**{key: os.path.abspath(value)})
     run_id = new_run_id()
 
-    check_output(output)
-    foreign = foreign_files(output)
-    if foreign:
-        shown = ", ".join(f[len(resolve(output)[1]):].lstrip("/") for f in foreign[:3])
-        echo(f"warning: OUTPUT {output} holds {len(foreign)} Parquet file(s) drn-label did not "
-             f"write there ({shown}{', ...' if len(foreign) > 3 else ''}): they are left alone "
-             "and never read as labels")
+    check_output(spec.output)
+    _warn_of_foreign_files(spec.output, echo)
     meta = describe_model(spec)
     if meta.weights_sha256.startswith("init"):
         echo(f"warning: {spec.model} has no weights (random initialisation): labels will be "
@@ -254,16 +217,37 @@ def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
         plan = plan_inputs(spec.input)
     except (ValueError, OSError) as exc:
         raise JobError(str(exc)) from None
-    lease = acquire_lease(output, run_id)
+    lease = acquire_lease(spec.output, run_id)
     try:
         # The heartbeat runs from the moment the lease is held: the scan of existing rows
         # and --overwrite rewrites come after, and may take longer than the lease lasts.
         with lease.keeper():
-            return _run_leased(RunContext(spec=spec, meta=meta, plan=plan, run_id=run_id,
-                                          output=output, t_start=t_start, echo=echo,
-                                          stream=stream, lease=lease))
+            return LeasedRun(RunContext(spec=spec, meta=meta, plan=plan, run_id=run_id,
+                                        output=spec.output, t_start=t_start, echo=echo,
+                                        stream=stream, lease=lease)).run()
     finally:
         lease.release()
+
+
+def _absolute(spec: JobSpec) -> JobSpec:
+    """OUTPUT, weights and classes as absolute paths: predict actors may run in another
+    working directory."""
+    output = spec.output.rstrip("/") if "://" in spec.output else os.path.abspath(spec.output)
+    spec = spec.replace(output=output)
+    for key in ("weights", "classes"):
+        value = getattr(spec, key)
+        if value and "://" not in value and os.path.isfile(value):
+            spec = spec.replace(**{key: os.path.abspath(value)})
+    return spec
+
+
+def _warn_of_foreign_files(output: str, echo: Callable[[str], None]) -> None:
+    foreign = foreign_files(output)
+    if foreign:
+        shown = ", ".join(f[len(resolve(output)[1]):].lstrip("/") for f in foreign[:3])
+        echo(f"warning: OUTPUT {output} holds {len(foreign)} Parquet file(s) drn-label did not "
+             f"write there ({shown}{', ...' if len(foreign) > 3 else ''}): they are left alone "
+             "and never read as labels")
 
 
 @dataclass(frozen=True)
@@ -281,65 +265,99 @@ class RunContext:
     lease: Lease
 
 
-def _lost(ctx: RunContext, why: str) -> JobError:
-    return JobError(f"{why}; it committed nothing after losing it and leaves the rest to the "
-                    f"run that holds the lease")
+class LeasedRun:
+    """One run while it holds OUTPUT's lease, phase by phase: prepare OUTPUT, start the
+    workers (Ray, the progress counter, the shard writers with their done sets), label
+    (the Ray Data graph), collect what the writers committed, reconcile, and close (the
+    progress line, the run record)."""
 
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.spec = ctx.spec  # with its `auto` values resolved once Ray is up
+        self.result = RunResult(run_id=ctx.run_id, output=ctx.output, state="running",
+                                inputs=0, skipped=0, to_label=0)
+        self.progress = Progress(run_id=ctx.run_id, output=ctx.output)
+        self.reporter: ProgressReporter | None = None
+        self.counter = None  # the progress counter actor
+        self.writers: list = []  # the shard writer actors
+        self.schema: pa.Schema | None = None
 
-def _run_leased(ctx: RunContext) -> RunResult:
-    import ray
+    def run(self) -> RunResult:
+        state = "failed"
+        try:
+            self.prepare_output()
+            self.start_workers()
+            self.label()
+            self.reconcile(self.collect())
+            state = "finished"
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or `drn-label stop` (SIGTERM -> SystemExit)
+            state = "interrupted"
+            raise
+        finally:
+            self.close(state)
+        result, spec = self.result, self.spec
+        labelled = result.ok + result.errors
+        if spec.max_error_rate is not None and labelled and result.errors / labelled > spec.max_error_rate:
+            result.exit_code = EXIT_ERROR_RATE
+        return result
 
-    spec, meta, plan, run_id, output = ctx.spec, ctx.meta, ctx.plan, ctx.run_id, ctx.output
-    t_start, echo, stream = ctx.t_start, ctx.echo, ctx.stream
+    # -- phases ----------------------------------------------------------------------------
+    def prepare_output(self) -> None:
+        """Remove part files of killed runs, apply --overwrite, write the first run record."""
+        ctx = self.ctx
+        clean_tmp(ctx.output)
+        if self.spec.overwrite:
+            dropped = remove_identity_rows(ctx.output, ctx.meta)
+            if dropped:
+                ctx.echo(f"--overwrite: removed {dropped} rows of {ctx.meta.model} "
+                         f"({ctx.meta.weights_sha256[:12]})")
+        self.write_record()
+        ctx.echo(f"run {ctx.run_id}: labelling {self.spec.input} with {ctx.meta.model} (inputs "
+                 f"are listed as the run goes; images already labelled are skipped)")
 
-    clean_tmp(output)
-    if spec.overwrite:
-        dropped = remove_identity_rows(output, meta)
-        if dropped:
-            echo(f"--overwrite: removed {dropped} rows of {meta.model} ({meta.weights_sha256[:12]})")
-    result = RunResult(run_id=run_id, output=output, state="running", inputs=0, skipped=0,
-                       to_label=0)
-    write_bytes_atomic(output, f"{RUNS_DIR}/{run_id}.json",
-                       json.dumps(_record(spec, meta, result, t_start), indent=2).encode())
-    echo(f"run {run_id}: labelling {spec.input} with {meta.model} (inputs are listed as the "
-         f"run goes; images already labelled are skipped)")
-    progress = Progress(run_id=run_id, output=output)
-    save = lambda p: write_bytes_atomic(output, PROGRESS_FILE, p.to_json().encode())  # noqa: E731
-    state = "failed"
-    reporter = counter = None
-    writers: list = []
-    try:
-        ensure_ray(spec.address)
+    def start_workers(self) -> None:
+        """Ray, the progress counter, and the shard writers holding the done sets."""
+        import ray
         from ray.data import DataContext
 
         from pipeline.job.commit import COMMIT_INTERVAL_S, load_done_set, start_shard_writers
         from pipeline.job.progress import start_counter_actor
-        from pipeline.job.sink import LabelDatasink
 
+        ctx = self.ctx
+        ensure_ray(self.spec.address)
+        self.spec = resolve_auto(self.spec)
         data_ctx = DataContext.get_current()
         data_ctx.enable_progress_bars = False
         data_ctx.print_on_execution_start = False
         data_ctx.target_max_block_size = BLOCK_BYTES
-        counter = start_counter_actor()
+        self.counter = start_counter_actor()
         # Resume: the done set is read by Ray tasks, one piece per shard, never here.
-        files = data_files(output)
-        shards = shard_count(spec, len(files))
-        done_refs = load_done_set(output, files, meta, shards)
-        schema = schema_with_metadata(meta)
-        writers = start_shard_writers(
-            shards, output=output, run_id=run_id, generation=ctx.lease.generation,
-            schema=schema, rows_per_file=spec.rows_per_file, commit_interval_s=COMMIT_INTERVAL_S,
-            done_refs=done_refs, skip_status=("ok",) if spec.retry_errors else ("ok", "error"),
-            progress=counter)
-        del files, done_refs
-        result.startup_s = time.time() - t_start
-        reporter = ProgressReporter(progress, lambda: ray.get(counter.snapshot.remote(), timeout=10),
-                                    save=save, stream=stream).start()
+        files = data_files(ctx.output)
+        shards = shard_count(self.spec, len(files))
+        done_refs = load_done_set(ctx.output, files, ctx.meta, shards)
+        self.schema = schema_with_metadata(ctx.meta)
+        self.writers = start_shard_writers(
+            shards, output=ctx.output, run_id=ctx.run_id, generation=ctx.lease.generation,
+            schema=self.schema, rows_per_file=self.spec.rows_per_file,
+            commit_interval_s=COMMIT_INTERVAL_S, done_refs=done_refs,
+            skip_status=("ok",) if self.spec.retry_errors else ("ok", "error"),
+            counter=self.counter)
+        self.result.startup_s = time.time() - ctx.t_start
+        counter = self.counter
+        self.reporter = ProgressReporter(
+            self.progress, lambda: ray.get(counter.snapshot.remote(), timeout=10),
+            save=self.save_progress, stream=ctx.stream).start()
+
+    def label(self) -> None:
+        """Run the Ray Data graph to its end; a lost lease and bad input become JobErrors."""
+        from pipeline.job.sink import LabelDatasink
+
+        ctx = self.ctx
         t_label = time.time()
-        sink = LabelDatasink(writers, schema)
+        sink = LabelDatasink(self.writers, self.schema)
         try:
-            build_dataset(spec, plan, meta, run_id, writers, counter).write_datasink(
-                sink, ray_remote_args={"num_cpus": 0})
+            build_dataset(self.spec, ctx.plan, ctx.meta, ctx.run_id, self.writers,
+                          self.counter).write_datasink(sink, ray_remote_args={"num_cpus": 0})
         except Exception as exc:  # noqa: BLE001 - a lost lease and bad input are translated
             for cls in (LeaseLost, InputError):
                 cause = _find_cause(exc, cls)
@@ -347,65 +365,86 @@ def _run_leased(ctx: RunContext) -> RunResult:
                     raise (_lost(ctx, str(cause).split(":")[0]) if cls is LeaseLost
                            else JobError(str(cause))) from None
             raise
-        shard_results = ray.get([w.finish.remote() for w in writers])
-        result.label_s = time.time() - t_label
-        snap = ray.get(counter.snapshot.remote())
+        self.result.label_s = time.time() - t_label
+
+    def collect(self) -> list:
+        """The writers commit what they still hold; count what was committed. Returns the
+        writers' ShardResults."""
+        import ray
+
+        ctx, result = self.ctx, self.result
+        shard_results = ray.get([w.finish.remote() for w in self.writers])
+        snap = ray.get(self.counter.snapshot.remote())
         result.inputs, result.skipped = snap["listed"], snap["skipped"]
         result.to_label = result.inputs - result.skipped
-        files_written = [f for r in shard_results for f in r["files"]]
-        result.files = [f["file"] for f in files_written]
-        result.ok = sum(f["ok"] for f in files_written)
-        result.errors = sum(f["errors"] for f in files_written)
-        lost = next((r["lost"] for r in shard_results if r["lost"]), None) or ctx.lease.lost
+        committed = [f for r in shard_results for f in r.files]
+        result.files = [f.file for f in committed]
+        result.ok = sum(f.ok for f in committed)
+        result.errors = sum(f.errors for f in committed)
+        lost = next((r.lost for r in shard_results if r.lost), None) or ctx.lease.lost
         if lost is not None:
             raise _lost(ctx, lost.split(":")[0])
-        if result.inputs == 0 and plan.kind in ("directory", "glob", "shards"):
-            raise JobError(str(no_inputs_error(plan)))
-        repeated = sum(r["repeated"] for r in shard_results)
+        if result.inputs == 0 and ctx.plan.kind in ("directory", "glob", "shards"):
+            raise JobError(str(no_inputs_error(ctx.plan)))
+        repeated = sum(r.repeated for r in shard_results)
         if repeated:
-            echo(f"warning: input {spec.input}: {repeated} rows repeated an image_id already "
-                 f"labelled in this run; each image_id was labelled once (give each row its "
-                 f"own image_id)")
+            ctx.echo(f"warning: input {self.spec.input}: {repeated} rows repeated an image_id "
+                     f"already labelled in this run; each image_id was labelled once (give each "
+                     f"row its own image_id)")
+        return shard_results
+
+    def reconcile(self, shard_results: list) -> None:
+        """One row per image: --retry-errors replaces error rows, and an earlier run may
+        have been killed between writing such rows and removing the ones they replace."""
+        ctx = self.ctx
         if ctx.lease.lost or not ctx.lease.renew():  # lost after the last commit: touch nothing
-            raise _lost(ctx, ctx.lease.lost or f"run {run_id} lost the lease on OUTPUT {output}")
-        # Rows to reconcile: --retry-errors replaces error rows, and an earlier run may have
-        # been killed between writing such rows and removing the ones they replace.
-        if spec.retry_errors or any(r["existing_duplicates"] for r in shard_results):
-            replaced = drop_replaced_rows(output, meta)
+            raise _lost(ctx, ctx.lease.lost or f"run {ctx.run_id} lost the lease on OUTPUT {ctx.output}")
+        if self.spec.retry_errors or any(r.existing_duplicates for r in shard_results):
+            replaced = drop_replaced_rows(ctx.output, ctx.meta)
             if replaced:
-                echo(f"removed {replaced} rows that newer rows of {meta.model} replace")
-        clean_tmp(output)
-        state = "finished"
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or `drn-label stop` (SIGTERM -> SystemExit)
-        state = "interrupted"
-        raise
-    finally:
-        if reporter is not None:
-            final = reporter.finish(state)
-            if state != "finished":  # the sink never reported back: count what was committed
+                ctx.echo(f"removed {replaced} rows that newer rows of {ctx.meta.model} replace")
+        clean_tmp(ctx.output)
+
+    def close(self, state: str) -> None:
+        """Final progress, the Ray actors stopped, the run record (unless the lease was lost)."""
+        import ray
+
+        result = self.result
+        if self.reporter is not None:
+            final = self.reporter.finish(state)
+            if state != "finished":  # the writers never reported back: count what was committed
                 result.ok, result.errors = final.committed_ok, final.committed_errors
                 result.files_committed = final.committed_files
             # One images/s figure: the progress line's (since the first labelled image),
             # so the summary and the last line of the bar agree.
             result.images_per_s = final.images_per_s
         else:
-            progress.state = state
-            save(progress)
-        for actor in [counter, *writers]:
+            self.progress.state = state
+            self.save_progress(self.progress)
+        for actor in [self.counter, *self.writers]:
             if actor is not None:
                 try:
                     ray.kill(actor)
                 except Exception:  # noqa: BLE001
                     pass
         result.state = state
-        result.wall_s = time.time() - t_start
-        if not ctx.lease.lost:  # a run that lost the lease writes nothing more into OUTPUT
-            write_bytes_atomic(output, f"{RUNS_DIR}/{run_id}.json",
-                               json.dumps(_record(spec, meta, result, t_start), indent=2).encode())
-    labelled = result.ok + result.errors
-    if spec.max_error_rate is not None and labelled and result.errors / labelled > spec.max_error_rate:
-        result.exit_code = EXIT_ERROR_RATE
-    return result
+        result.wall_s = time.time() - self.ctx.t_start
+        if not self.ctx.lease.lost:  # a run that lost the lease writes nothing more into OUTPUT
+            self.write_record()
+
+    # -- records -----------------------------------------------------------------------------
+    def save_progress(self, progress: Progress) -> None:
+        write_bytes_atomic(self.ctx.output, PROGRESS_FILE, progress.to_json().encode())
+
+    def write_record(self) -> None:
+        record = _record(self.spec, self.ctx.meta, self.result, self.ctx.t_start)
+        write_bytes_atomic(self.ctx.output, f"{RUNS_DIR}/{self.ctx.run_id}.json",
+                           json.dumps(record, indent=2).encode())
+
+
+def _lost(ctx: RunContext, why: str) -> JobError:
+    return JobError(f"{why}; it committed nothing after losing it and leaves the rest to the "
+                    f"run that holds the lease")
 
 
 def _find_cause(exc: BaseException, cls: type) -> BaseException | None:

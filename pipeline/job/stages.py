@@ -3,7 +3,7 @@
 Each takes and returns a `pyarrow.Table` (Ray Data's "pyarrow" batch format), so blocks
 stay plain Arrow between stages. Nothing here raises for one bad image: a failure becomes
 an error row (status "error", a one-line reason) and the batch goes on.
-Ray appears only in `report_progress`, which is a no-op without a running job.
+Ray appears only in `report_labelled`, which is a no-op without a running job.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from pipeline.spec import JobSpec
 from pipeline.store.decode import DEFAULT_MAX_PIXELS
 from pipeline.store.output import (PROBS_TYPE, SCHEMA, UNCERTAINTY_COLUMNS, class_fraction_of,
                                    encode_mask, encode_probs, mask_dtype)
@@ -78,50 +79,24 @@ def decode_batch(batch: pa.Table, *, max_side: int, retries: int,
 
 
 # -- predict (actor pool) ----------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a predict actor needs to build its model; crosses the actor boundary."""
-
-    model: str
-    weights: str | None
-    classes: str | None
-    num_classes: int | None
-    precision: str = "fp32"
-    batch_size: int = 4
-    torch_threads: int | None = None
-    device: str = "auto"
-    size_bucket: int | None = None
-    tta_scales: tuple[float, ...] | None = None  # None: no test-time augmentation
-    tta_flip: bool = False
-    probs_stride: int | None = None  # None: no probabilities leave the device
-
-    def build(self):
-        import drn
-
-        from pipeline.store.weights import local_weights
-
-        return drn.create_model(self.model, weights=local_weights(self.weights), classes=self.classes,
-                                num_classes=self.num_classes, task="segment")
-
-
 class PredictActor:
-    """Holds one model for its lifetime; labels the ok rows of each batch."""
+    """Holds one model for its lifetime; labels the ok rows of each batch.
 
-    def __init__(self, spec: ModelSpec, progress=None) -> None:
+    `spec` is the run's job spec with its `auto` values resolved by the driver, so the
+    actor builds the model the driver checked (pipeline.job.model); `counter` is the run's
+    progress counter actor (or None)."""
+
+    def __init__(self, spec: JobSpec, counter=None) -> None:
         import torch
 
-        from drn.predictor import Predictor
+        from pipeline.job.model import build_model, predictor_for
 
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
-        self.spec, self.progress = spec, progress
-        model = spec.build()
+        self.spec, self.counter = spec, counter
+        model = build_model(spec)
         self.num_classes = model.drn_config.num_classes
-        self.predictor = Predictor.from_model(model, device=spec.device, precision=spec.precision,
-                                              batch_size=spec.batch_size,
-                                              size_bucket=spec.size_bucket,
-                                              tta_scales=spec.tta_scales, tta_flip=spec.tta_flip,
-                                              probs_stride=spec.probs_stride)
+        self.predictor = predictor_for(spec, model)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pydict()
@@ -149,7 +124,7 @@ class PredictActor:
             if pred.probs is not None:
                 out["probs"][i] = encode_probs(pred.probs)
         table = pa.table(out, schema=PREDICTED)
-        report_progress(self.progress, table)
+        report_labelled(self.counter, table)
         return table
 
 
@@ -202,12 +177,13 @@ def encode_batch(batch: pa.Table, *, identity: RowIdentity) -> pa.Table:
     return table
 
 
-def report_progress(progress, table: pa.Table) -> None:
-    """Tell the run's progress actor (a handle, or None) about labelled rows; fire and forget."""
-    if progress is None:
+def report_labelled(counter, table: pa.Table) -> None:
+    """Tell the run's progress counter (an actor handle, or None) about labelled rows;
+    fire and forget."""
+    if counter is None:
         return
     errors = sum(1 for s in table.column("status").to_pylist() if s != "ok")
     try:
-        progress.add_labelled.remote(table.num_rows - errors, errors, time.time())
+        counter.add_labelled.remote(table.num_rows - errors, errors, time.time())
     except Exception:  # noqa: BLE001 - progress must never fail a batch
         pass

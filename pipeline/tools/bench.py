@@ -5,9 +5,11 @@ On the same generated images it measures
       ceiling (arg-max included, nothing else);
   (b) the full pipeline: `drn-label run` in a fresh process, encoded files to committed
       Parquet, with its own embedded Ray (start-up included in the wall time);
-  (c) a naive single-process loop: read, decode, model, PNG, write, one image at a time;
+  (c) one plain process doing the pipeline's work batch by batch: read, decode, predict,
+      PNG, Parquet (measured before and after (b): the machine's noise shows);
 and prints images/s for each, the ratios b/a and b/c, the pipeline's wall time with and
 without start-up, and the peak memory of the driver and of each kind of Ray worker.
+`--stand-in` replaces the model by one that costs nothing: (b)/(c) is then the feed.
 `--png-levels` adds bytes and encode time per mask for each PNG compression level.
 `--memory-sizes 1000,5000` runs the pipeline at those image counts and compares peaks.
 """
@@ -136,32 +138,29 @@ def bench_model(arch: str, num_classes: int, images: list[np.ndarray], batch_siz
     return len(images) / (time.perf_counter() - t0)
 
 
-# -- (c) the naive loop ---------------------------------------------------------------------
-def bench_naive(arch: str, num_classes: int, files: list[Path], out: Path, device: str) -> float:
-    """What a user would write first: one image at a time, in one process."""
-    import cv2
+# -- (c) one plain process ------------------------------------------------------------------
+def bench_plain(files: list[Path], out: Path, *, job) -> float:
+    """The pipeline's work in one plain process, batch by batch: read each file, decode it
+    (the pipeline's decode path), predict (the same Predictor: statistics on the device),
+    encode the masks as PNG and write them to one Parquet file. Images/s."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
-    import drn
+    from pipeline.job.model import build_model, predictor_for
+    from pipeline.store.decode import decode_image
+    from pipeline.store.output import encode_mask
 
-    model = drn.create_model(arch, num_classes=num_classes).to(device)
-    label_set = model.drn_config.label_set
-    mean = torch.tensor(label_set.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(label_set.std, device=device).view(1, 3, 1, 1)
+    predictor = predictor_for(job, build_model(job))
     t0 = time.perf_counter()
     rows = []
-    for path in files:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        x = torch.from_numpy(rgb).to(device).permute(2, 0, 1).unsqueeze(0).float() / 255
-        with torch.inference_mode():
-            probs = torch.softmax(model((x - mean) / std), 1)[0]
-        mask = probs.argmax(0).to(torch.uint8).cpu().numpy()
-        ok, png = cv2.imencode(".png", mask)
-        rows.append({"image_id": path.name, "mask": png.tobytes(),
-                     "class_scores": probs.mean((1, 2)).cpu().tolist()})
+    for start in range(0, len(files), job.batch_size):
+        chunk = files[start:start + job.batch_size]
+        images = [decode_image(path.read_bytes(), str(path)) for path in chunk]
+        for path, pred in zip(chunk, predictor.predict(images)):
+            rows.append({"image_id": path.name, "mask": encode_mask(pred.mask, job.png_compression),
+                         "class_scores": pred.class_scores.tolist(),
+                         "class_fraction": pred.class_fraction.tolist(),
+                         "confidence": pred.confidence})
     pq.write_table(pa.Table.from_pylist(rows), out)
     return len(files) / (time.perf_counter() - t0)
 
@@ -178,15 +177,17 @@ class PipelineFigures:
 
 
 def bench_pipeline(input_dir: Path, output: Path, *, arch: str, num_classes: int,
-                   batch_size: int, extra: list[str] = ()) -> PipelineFigures:
+                   batch_size: int | None, stand_in: bool = False,
+                   extra: Sequence[str] = ()) -> PipelineFigures:
     """`drn-label run` in a fresh process (its own embedded Ray), sampled for memory."""
     if output.exists():
         shutil.rmtree(output)
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(input_dir), str(output),
-           "--model", arch, "--num-classes", str(num_classes), "--batch-size", str(batch_size),
-           "--rows-per-file", "500", *extra]
+           "--model", arch, "--num-classes", str(num_classes), "--rows-per-file", "500",
+           *(["--batch-size", str(batch_size)] if batch_size else []),
+           *(["--stand-in"] if stand_in else []), *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = MemorySampler(root_pid=proc.pid).start()
@@ -219,16 +220,20 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-def run_bench(*, count: int, size: int, arch: str, num_classes: int, batch_size: int,
-              workdir: Path | None, device: str, skip_naive: bool, png_levels: bool,
-              memory_sizes: str | None, run_args: Sequence[str],
+def run_bench(*, count: int, size: int, arch: str, num_classes: int, batch_size: int | None,
+              workdir: Path | None, device: str, skip_plain: bool, png_levels: bool,
+              memory_sizes: str | None, run_args: Sequence[str], stand_in: bool = False,
               echo: Callable[[str], None] = print) -> None:
-    """Measure the bare model, the full pipeline and a naive loop on the same images; print
-    the figures with `echo` (one run, so ratios compare like with like)."""
+    """Measure the bare model, the full pipeline and one plain process on the same images;
+    print the figures with `echo` (one run, so ratios compare like with like).
+
+    With `stand_in` the model is replaced by one that costs nothing (drn.standin): (b)
+    against (c) then shows how fast the pipeline alone feeds a model, on any machine."""
     import cv2
     import torch
 
     from drn.predictor import pick_device
+    from pipeline.spec import JobSpec
 
     dev = str(pick_device(device))
     tmp = None
@@ -236,28 +241,42 @@ def run_bench(*, count: int, size: int, arch: str, num_classes: int, batch_size:
         tmp = tempfile.TemporaryDirectory(prefix="drn-label-bench-")
         workdir = Path(tmp.name)
     img_dir = workdir / f"images-{size}-{count}"
+    model_name = "the stand-in (zero logits)" if stand_in else arch
     echo(f"machine: {os.cpu_count()} CPUs, device {dev}, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads); {count} images {size}x{size} JPEG; "
-               f"{arch}, {num_classes} classes, batch {batch_size}")
+         f"({torch.get_num_threads()} threads); {count} images {size}x{size} JPEG; "
+         f"{model_name}, {num_classes} classes, batch {batch_size or 'default'}")
     files = make_images(img_dir, count, size)
-
+    # The plain process runs with the batch size the pipeline chose (its run record says).
+    plain_job = lambda batch: JobSpec(input=str(img_dir), output=str(workdir), model=arch,  # noqa: E731
+                                      num_classes=num_classes, batch_size=batch,
+                                      stand_in=stand_in).validate()
+    plain = []
+    if not skip_plain and batch_size:
+        plain.append(bench_plain(files, workdir / "plain.parquet", job=plain_job(batch_size)))
     fig = bench_pipeline(img_dir, workdir / "out-pipeline", arch=arch, num_classes=num_classes,
-                         batch_size=batch_size, extra=list(run_args))
-    rgb = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in files]
-    model_ips = bench_model(arch, num_classes, rgb, batch_size, dev)
-    naive_ips = None if skip_naive else bench_naive(arch, num_classes, files,
-                                                     workdir / "naive.parquet", dev)
+                         batch_size=batch_size, stand_in=stand_in, extra=list(run_args))
+    batch_used = read_runs(str(workdir / "out-pipeline"))[-1]["spec"]["batch_size"]
+    if not skip_plain:
+        plain.append(bench_plain(files, workdir / "plain.parquet", job=plain_job(batch_used)))
     wall_ips = fig.images / fig.wall_s
-    echo(f"(a) bare model            {model_ips:8.2f} images/s")
-    echo(f"(b) pipeline steady state {fig.steady_images_per_s:8.2f} images/s   b/a = "
-               f"{fig.steady_images_per_s / model_ips:.3f}")
-    echo(f"    pipeline incl. start-up {wall_ips:7.2f} images/s   (wall {fig.wall_s:.1f}s, "
-               f"of which start-up {fig.startup_s:.1f}s; labelling {fig.label_s:.1f}s)   "
-               f"wall/a = {wall_ips / model_ips:.3f}")
-    if naive_ips is not None:
-        echo(f"(c) naive loop            {naive_ips:8.2f} images/s   b/c = "
-                   f"{fig.steady_images_per_s / naive_ips:.3f}   (b incl. start-up)/c = "
-                   f"{wall_ips / naive_ips:.3f}")
+    steady = fig.steady_images_per_s
+    if not stand_in:
+        rgb = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in files]
+        model_ips = bench_model(arch, num_classes, rgb, batch_used, dev)
+        echo(f"(a) bare model            {model_ips:8.2f} images/s")
+        echo(f"(b) pipeline steady state {steady:8.2f} images/s   b/a = {steady / model_ips:.3f}")
+        echo(f"    pipeline incl. start-up {wall_ips:7.2f} images/s   (wall {fig.wall_s:.1f}s, "
+             f"of which start-up {fig.startup_s:.1f}s; labelling {fig.label_s:.1f}s)   "
+             f"wall/a = {wall_ips / model_ips:.3f}")
+    else:
+        echo(f"(b) pipeline steady state {steady:8.2f} images/s   (batch {batch_used})")
+        echo(f"    pipeline incl. start-up {wall_ips:7.2f} images/s   (wall {fig.wall_s:.1f}s, "
+             f"of which start-up {fig.startup_s:.1f}s; labelling {fig.label_s:.1f}s)")
+    if plain:
+        plain_ips = sum(plain) / len(plain)
+        echo(f"(c) one plain process     {plain_ips:8.2f} images/s   (" +
+             ", ".join(f"{p:.2f}" for p in plain) + ")   b/c = "
+             f"{steady / plain_ips:.3f}   (b incl. start-up)/c = {wall_ips / plain_ips:.3f}")
     echo("peak memory (RSS): " + ", ".join(f"{k} {_mib(v)}" for k, v in sorted(fig.peaks.items())))
 
     if png_levels:
@@ -278,12 +297,12 @@ def run_bench(*, count: int, size: int, arch: str, num_classes: int, batch_size:
             d = workdir / f"images-64-{n}"
             make_images(d, n, 64, fmt="png")
             f = bench_pipeline(d, workdir / f"out-mem-{n}", arch=arch, num_classes=num_classes,
-                               batch_size=batch_size, extra=list(run_args))
+                               batch_size=batch_size, stand_in=stand_in, extra=list(run_args))
             total = sum(f.peaks.values())
             totals.append(total)
             echo(f"memory, {n} images 64x64: wall {f.wall_s:.1f}s; peaks " +
-                       ", ".join(f"{k} {_mib(v)}" for k, v in sorted(f.peaks.items())) +
-                       f"; sum of peaks {_mib(total)}")
+                 ", ".join(f"{k} {_mib(v)}" for k, v in sorted(f.peaks.items())) +
+                 f"; sum of peaks {_mib(total)}")
         if len(totals) > 1:
             echo(f"peak memory ratio {sizes[-1]} vs {sizes[0]} images: {totals[-1] / totals[0]:.3f}")
     if tmp is not None:

@@ -370,7 +370,7 @@ def test_rows_left_twice_by_a_killed_retry_are_reconciled_by_the_next_run(ray_se
     from datetime import datetime, timezone
 
     from pipeline.store.output import schema_with_metadata
-    from pipeline.job.run import describe_model
+    from pipeline.job.model import describe_model
     from pipeline.store.fs import write_table_atomic
 
     inputs, output = tmp_path / "in", tmp_path / "out"
