@@ -22,7 +22,13 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from drn.errors import Spelling
 from pipeline.errors import UsageError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTO = "auto"
+GPU_SHARE = 0.5
+"""A GPU's share per predict actor when `gpus_per_worker` is auto: two actors per GPU, so
+that one's host work (arguments, results) overlaps the other's compute."""
+MAX_CPU_WORKERS = 32
+"""At most this many predict actors when `workers` is auto on CPUs (one per core)."""
 SCHEDULE_KINDS = ("raycronjob", "rayjob", "cronjob")
 
 
@@ -43,6 +49,8 @@ class SpecError(UsageError):
 def worker_range(value: int | str) -> tuple[int, int]:
     """(min, max) predict actors of `workers`: N (a fixed pool) or "MIN-MAX" (a pool that
     Ray Data grows from MIN to MAX actors while there is work queued for them)."""
+    if value == AUTO:
+        raise ValueError("workers is auto: resolve the spec for a cluster first (JobSpec.resolved)")
     if isinstance(value, bool):
         raise ValueError(f"must be a number of workers or MIN-MAX, got {value!r}")
     if isinstance(value, int):
@@ -63,9 +71,30 @@ def worker_range(value: int | str) -> tuple[int, int]:
 
 
 def canonical_workers(value: int | str) -> int | str:
-    """`workers` as stored: an int for a fixed pool, "MIN-MAX" for an autoscaling one."""
+    """`workers` as stored: "auto", an int for a fixed pool, "MIN-MAX" for an autoscaling one."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
     low, high = worker_range(value)
     return low if low == high else f"{low}-{high}"
+
+
+def auto_or(kind: type, *, low: float, open_low: bool = False) -> Callable[[Any], Any]:
+    """A parse for a numeric key that also takes "auto" (chosen from the cluster at run time)."""
+    def parse(value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number or auto, got {value!r}")
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a number or auto, got {value!r}") from None
+        if kind is int and isinstance(value, float) and value != number:
+            raise ValueError(f"must be a whole number or auto, got {value!r}")
+        if number < low or (open_low and number == low):
+            raise ValueError(f"must be {'>' if open_low else 'at least'} {low:g} or auto, got {value!r}")
+        return number
+    return parse
 
 
 def check_cron(value: str) -> None:
@@ -152,12 +181,20 @@ class JobSpec:
     classes: str | None = key(None, "Label set: a preset (cityscapes) or a classes file.")
     num_classes: int | None = key(None, "Number of classes when neither weights nor --classes tell it.",
                                   min=1)
-    batch_size: int = key(4, "Images per forward pass.", min=1)
-    workers: int | str = key(1, "Predict actors: N, or MIN-MAX for a pool that grows from MIN "
-                                "to MAX actors while work is queued.", parse=canonical_workers,
-                             metavar="N|MIN-MAX")
-    gpus_per_worker: float = key(0.0, "GPUs per predict actor; fractions share a GPU.", min=0)
-    cpus_per_worker: float = key(1.0, "CPUs reserved per predict actor.", min=0, min_open=True)
+    batch_size: int | str = key(AUTO, "Images per forward pass; auto: 16 on a GPU (fewer when "
+                                      "the device's free memory needs it), 4 on CPUs.",
+                                parse=auto_or(int, low=1), metavar="N|auto")
+    workers: int | str = key(AUTO, "Predict actors: N, MIN-MAX for a pool that grows from MIN "
+                                   "to MAX actors while work is queued, or auto: every GPU of "
+                                   "the cluster (two actors each), else one actor per CPU core.",
+                             parse=canonical_workers, metavar="N|MIN-MAX|auto")
+    gpus_per_worker: float | str = key(AUTO, "GPUs per predict actor; fractions share a GPU; "
+                                             "auto: 0.5 when the cluster has GPUs, else 0.",
+                                       parse=auto_or(float, low=0), metavar="N|auto")
+    cpus_per_worker: float | str = key(AUTO, "CPUs reserved per predict actor; auto: 1 on GPUs, "
+                                             "else the CPUs decoding leaves, shared.",
+                                       parse=auto_or(float, low=0, open_low=True),
+                                       metavar="N|auto")
     torch_threads: int | None = key(None, "Torch threads per predict actor [default: on CPU, "
                                           "cluster CPUs / workers].", min=1)
     decode_cpus: float = key(1.0, "CPUs per decode task.", min=0, min_open=True, cli=False)
@@ -174,7 +211,8 @@ class JobSpec:
     tta_flip: bool = key(False, "With --tta, also average a horizontal flip.")
     save_probs: bool = key(False, "Also store per-pixel class probabilities in the probs column "
                                   "(uint8, averaged over 8 x 8 pixel blocks; docs/output.md).")
-    precision: str = key("fp32", "Inference precision.", choices=PRECISIONS)
+    precision: str = key(AUTO, "Inference precision; auto: bf16 on a GPU (fp16 where it has no "
+                               "bf16), fp32 on CPUs.", choices=PRECISIONS)
     stand_in: bool = key(False, "Replace the model by a stand-in that costs nothing (zero "
                                 "logits): shows how fast the pipeline alone feeds a model; rows "
                                 "are labelled as model `stand-in`.")
@@ -198,6 +236,43 @@ class JobSpec:
     def worker_range(self) -> tuple[int, int]:
         """(min, max) predict actors (equal for a fixed pool)."""
         return worker_range(self.workers)
+
+    def resolved(self, *, cpus: float, gpus: float) -> "JobSpec":
+        """The spec with its auto values chosen for a cluster of `cpus` CPUs and `gpus` GPUs:
+        on GPUs, two actors per GPU, batch 16, bf16; on CPUs, one single-threaded actor
+        per core (up to MAX_CPU_WORKERS), sharing the CPUs that one decode task leaves,
+        batch 4, fp32. Values that were given are kept."""
+        gpus_per_worker = self.gpus_per_worker
+        if gpus_per_worker == AUTO:
+            gpus_per_worker = GPU_SHARE if gpus >= 1 else 0.0
+        on_gpu = gpus_per_worker > 0
+        workers = self.workers
+        if workers == AUTO:
+            workers = (max(1, int(gpus / gpus_per_worker + 1e-9)) if on_gpu
+                       else max(1, min(int(cpus), MAX_CPU_WORKERS)))
+        most = worker_range(workers)[1]
+        decode_cpus = min(self.decode_cpus, max(cpus / 2, 0.1))
+        cpus_per_worker = self.cpus_per_worker
+        if cpus_per_worker == AUTO:
+            cpus_per_worker = 1.0 if on_gpu else round(max(cpus - decode_cpus, 0.1) / most, 3)
+        torch_threads = self.torch_threads
+        if torch_threads is None and not on_gpu:
+            torch_threads = max(1, int(cpus // most))
+        return self.replace(
+            gpus_per_worker=gpus_per_worker, workers=workers, cpus_per_worker=cpus_per_worker,
+            decode_cpus=decode_cpus, torch_threads=torch_threads,
+            batch_size=(16 if on_gpu else 4) if self.batch_size == AUTO else self.batch_size,
+            precision=("bf16" if on_gpu else "fp32") if self.precision == AUTO else self.precision)
+
+    def chosen(self, given: "JobSpec") -> str:
+        """What this resolved spec chose where `given` said auto, for the run's summary."""
+        parts = []
+        for name in ("workers", "gpus_per_worker", "cpus_per_worker", "batch_size", "precision"):
+            if getattr(given, name) == AUTO:
+                value = getattr(self, name)
+                parts.append(f"{flag(name)} {value:g}" if isinstance(value, float) else
+                             f"{flag(name)} {value}")
+        return ", ".join(parts)
 
     def replace(self, **changes: Any) -> "JobSpec":
         return dataclasses.replace(self, **changes)

@@ -7,7 +7,7 @@ import torch
 
 import drn
 from drn.labels import IMAGENET_MEAN, IMAGENET_STD
-from drn.predictor import Predictor
+from drn.predictor import Predictor, device_statistics
 from tests.imagegen import scene
 from tests.modelkit import content_model
 
@@ -102,7 +102,7 @@ def test_out_of_memory_splits_the_batch_and_reports_what_alone_does_not_fit(mode
     wrapped = _OutOfMemoryAbove(model, max_pixels=2 * 32 * 32)
     oom = Predictor(wrapped, mean=MEAN, std=STD, batch_size=4)
     preds = oom.predict(small + [big])
-    assert wrapped.calls[:3] == [4, 2, 2]  # split in halves, then fits
+    assert oom.model.calls[:3] == [4, 2, 2]  # split in halves, then fits (the module it runs)
     for img, p in zip(small, preds[:4]):
         np.testing.assert_array_equal(p.mask, predictor.predict([img])[0].mask)
     assert preds[4].mask is None
@@ -186,3 +186,57 @@ def test_uncertainty_and_saved_probabilities_match_the_softmax(model):
     block = probs[:, 8:16, 16:24].mean(axis=(1, 2))
     np.testing.assert_allclose(p.probs[:, 1, 2] / 255.0, block, atol=0.5 / 255 + 1e-6)
     assert Predictor(model, mean=MEAN, std=STD).predict([rgb])[0].probs is None  # opt-in
+
+
+def test_the_module_given_is_never_changed(model):
+    """The predictor runs a copy when the mode, device or memory format must change."""
+    training = content_model("drn_d_22", num_classes=5).train()
+    weight = training.seg.weight
+    runner = Predictor(training, mean=MEAN, std=STD, channels_last=True, device="cpu")
+    assert training.training and weight.is_contiguous() and training.seg.weight is weight
+    assert runner.model is not training and not runner.model.training
+    assert runner.model.seg.weight.is_contiguous(memory_format=torch.channels_last)
+    same = Predictor(model, mean=MEAN, std=STD, device="cpu")  # already as needed: no copy
+    assert same.model is model
+
+
+def _reference(logits: torch.Tensor):
+    """The statistics written the plain way (softmax, argmax, sort) in float64."""
+    probs = torch.softmax(logits.double(), dim=1)
+    ordered = probs.sort(dim=1, descending=True).values
+    second = ordered[:, 1] if logits.shape[1] > 1 else torch.zeros_like(ordered[:, 0])
+    entropy = -(probs * torch.log_softmax(logits.double(), dim=1)).sum(1)
+    return logits.argmax(1), ordered[:, 0], second, entropy, probs.mean((2, 3))
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 19, 256, 300])
+def test_device_statistics_equal_the_plain_formulas_ties_included(num_classes):
+    g = torch.Generator().manual_seed(num_classes)
+    logits = torch.randn(2, num_classes, 6, 7, generator=g) * 4
+    logits[:, :, :2, :3] = 1.5  # every class tied: class 0, no margin
+    if num_classes > 2:
+        logits[0, [1, num_classes - 1], 3, 3] = 99.0  # two classes tied above the rest
+    mask, floats, scores, _ = device_statistics(logits, num_classes, None)
+    ref_mask, top, second, entropy, ref_scores = _reference(logits)
+    assert torch.equal(mask.long(), ref_mask)
+    if num_classes > 2:
+        assert mask[0, 3, 3] == 1 and float((top - second)[0, 3, 3]) == 0.0
+    np.testing.assert_allclose(floats[:, 0], top.mean((1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(floats[:, 1], entropy.mean((1, 2)), atol=1e-5)
+    np.testing.assert_allclose(floats[:, 2], (top - second).mean((1, 2)), atol=1e-6)
+    np.testing.assert_allclose(floats[:, 3], (top < 0.5).double().mean((1, 2)), atol=1e-7)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu.sh runs it)")
+def test_on_cuda_the_pipelined_and_compiled_paths_equal_the_cpu(model):
+    """Several batches of several sizes through pinned buffers and side streams (and
+    through torch.compile) give the CPU's masks, on a module left on the CPU."""
+    images = [scene(*size, seed) for seed, size in enumerate([(37, 53), (64, 48)] * 5)]
+    cpu = Predictor(model, mean=MEAN, std=STD, batch_size=2, device="cpu").predict(images)
+    for compiled in (False, True):
+        gpu = Predictor(model, mean=MEAN, std=STD, batch_size=2, device="cuda", compile=compiled)
+        for a, b in zip(cpu, gpu.predict(images)):
+            assert (a.mask == b.mask).mean() > 0.999
+            np.testing.assert_allclose(a.class_scores, b.class_scores, atol=1e-3)
+    assert next(model.parameters()).device.type == "cpu"

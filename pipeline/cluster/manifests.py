@@ -92,7 +92,9 @@ class ClusterShape:
 
 def cluster_shape(spec: specmod.JobSpec, *, gpus_per_node: int = 1,
                   node_cpus: int | None = None) -> ClusterShape:
-    """Enough worker nodes for `workers` predict actors, plus room for decode tasks."""
+    """Enough worker nodes for `workers` predict actors, plus room for decode tasks. Auto
+    values are chosen as a run on one such node would choose them (JobSpec.resolved)."""
+    spec = spec.resolved(cpus=node_cpus or 8, gpus=gpus_per_node)
     decode_room = 2 * spec.decode_cpus
     if spec.gpus_per_worker > 0:
         if spec.gpus_per_worker > gpus_per_node:

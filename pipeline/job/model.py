@@ -7,7 +7,7 @@ both build from one description; drn's messages are rendered in terms of `run`'s
 from __future__ import annotations
 
 from pipeline.errors import JobError
-from pipeline.spec import FLAGS, JobSpec
+from pipeline.spec import AUTO, FLAGS, JobSpec
 from pipeline.store.output import PROBS_STRIDE, OutputMetadata
 
 
@@ -49,8 +49,16 @@ def describe_model(spec: JobSpec) -> OutputMetadata:
 
 
 def predictor_for(spec: JobSpec, model, *, device: str = "auto"):
-    """A `drn.predictor.Predictor` over `model` with the spec's inference settings."""
+    """A `drn.predictor.Predictor` over `model` with the spec's inference settings (auto
+    values chosen for this machine, as a run on it would choose them)."""
+    import os
+
+    import torch
+
     from drn.predictor import Predictor
+
+    if AUTO in (spec.batch_size, spec.precision):
+        spec = spec.resolved(cpus=os.cpu_count() or 1, gpus=torch.cuda.device_count())
 
     return Predictor.from_model(model, device=device, precision=spec.precision,
                                 batch_size=spec.batch_size, size_bucket=spec.size_bucket,

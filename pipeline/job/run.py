@@ -36,14 +36,13 @@ from pipeline.store.sources import InputError, InputPlan, no_inputs_error, plan_
 
 log = logging.getLogger(__name__)
 
-INPUT_BLOCK_ROWS = 16
-"""Images a decode call reads and decodes at a time."""
-BLOCK_BYTES = 64 << 10
-"""Ray Data's target block size for a job. Blocks of (image_id, uri) rows are cut at this
-size (about a thousand rows), so a large manifest or listing becomes many blocks that
-decode tasks share; decoded pixels leave a decode task every 64 KiB (one image, unless
-images are tiny), so the first image reaches the model at once whatever N is, and a
-predict actor's task holds a batch or two, not hundreds of labelled rows."""
+BLOCK_BYTES = 1 << 20
+"""Ray Data's target block size for a job. A stage's output leaves its task in blocks of
+about this size, so listing and manifest tasks hand over their (image_id, uri) rows every
+~10,000 rows while they go on listing (a larger size holds the first rows back until a
+task ends: the time to the first image would grow with the listing). Decoded images
+travel one or a few per block; the stages after decoding bundle whole batches (`Feed`),
+so no per-image task is paid."""
 SHARD_ROWS = 2_000_000
 """About this many done ids per shard writer (their memory: ~100 bytes an id)."""
 
@@ -127,17 +126,12 @@ def ensure_ray(address: str | None) -> bool:
     return True
 
 
-def resolve_auto(spec: JobSpec) -> JobSpec:
-    """The spec the predict actors receive: the defaults that depend on the cluster filled in.
-
-    On CPU each predict actor gets the cores decoding does not need (Ray's default is one
-    torch thread)."""
-    if spec.torch_threads or spec.gpus_per_worker > 0:
-        return spec
+def cluster_size() -> tuple[float, float]:
+    """(CPUs, GPUs) of the Ray cluster this process is connected to."""
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return spec.replace(torch_threads=max(1, cpus // spec.worker_range()[1]))
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
 
 
 def actor_pool(spec: JobSpec):
@@ -160,27 +154,64 @@ def shard_count(spec: JobSpec, existing_files: int) -> int:
     return max(1, min(256, max(by_workers, by_rows)))
 
 
+@dataclass(frozen=True)
+class Feed:
+    """How the stages of a run are sized, from the spec and the cluster (`feed_for`).
+
+    Images a decode task reads is one forward batch, so decoding spreads over the cores
+    a batch at a time (rows are re-cut after the skip stage: a listing block of thousands
+    of rows would otherwise be decoded by one task, one image after another). A predict
+    call takes `batches_per_call` forward batches: on a GPU, two, so that the copies and
+    host work of one overlap the other's compute (drn.predictor's pipeline). Encoding and
+    handing rows to the shard writers takes a predict call's rows per task."""
+
+    decode_rows: int
+    decode_memory: int  # bytes a decode task reserves: its images at --max-side, RGB
+    call_rows: int  # images per predict call
+    encode_tasks: int  # encode + hand-over tasks at once
+
+    def describe(self) -> str:
+        return (f"{self.decode_rows} images per decode task, {self.call_rows} per predict call, "
+                f"{self.encode_tasks} encode tasks")
+
+
+def feed_for(spec: JobSpec, cluster_cpus: float) -> Feed:
+    """The `Feed` of a run whose auto values are resolved, on a cluster of that many CPUs."""
+    batch = int(spec.batch_size)
+    on_gpu = spec.gpus_per_worker > 0
+    call_rows = batch * (2 if on_gpu else 1)
+    decode_rows = max(4, min(batch, 64))
+    workers = spec.worker_range()[1]
+    return Feed(decode_rows=decode_rows,
+                decode_memory=decode_rows * spec.max_side * spec.max_side * 3,
+                call_rows=call_rows,
+                encode_tasks=max(2 * workers, int(cluster_cpus) // 4, 2))
+
+
 def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: str,
-                  writers: list, counter=None):
-    """input -> skip done -> 16-row blocks -> decode -> predict -> encode (not executed)."""
+                  writers: list, counter=None, feed: Feed | None = None):
+    """input -> skip done -> decode -> predict -> encode (not executed)."""
+    from ray.data import TaskPoolStrategy
 
     from pipeline.job.commit import skip_done
     from pipeline.job.plan import input_dataset, plan_map_args
     from pipeline.job.stages import PredictActor, decode_batch, encode_batch
 
+    spec = spec.resolved(cpus=2, gpus=0) if feed is None else spec  # tests call it directly
+    feed = feed or feed_for(spec, cluster_cpus=2)
     ds = input_dataset(plan)
     ds = ds.map_batches(skip_done, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"writers": writers, "counter": counter}, **plan_map_args())
+    ds = ds.repartition(target_num_rows_per_block=feed.decode_rows)
     # Ray fuses consecutive stages whose resources match; on a CPU-only cluster that would
     # run decoding inside the predict actors, in series with the model. Decode tasks
-    # reserve the memory a block of the largest images takes, which also keeps them a
-    # separate stage on purpose, so that decoding overlaps prediction.
-    decode_memory = INPUT_BLOCK_ROWS * spec.max_side * spec.max_side * 3 * 2
-    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=INPUT_BLOCK_ROWS,
-                        num_cpus=spec.decode_cpus, memory=decode_memory,
+    # reserve the memory their block of images takes, which also keeps them a separate
+    # stage on purpose, so that decoding overlaps prediction.
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=feed.decode_rows,
+                        num_cpus=spec.decode_cpus, memory=feed.decode_memory,
                         fn_kwargs={"max_side": spec.max_side, "retries": spec.retries,
                                    "max_bytes": spec.max_bytes, "max_pixels": spec.max_pixels})
-    ds = ds.map_batches(PredictActor, batch_format="pyarrow", batch_size=spec.batch_size,
+    ds = ds.map_batches(PredictActor, batch_format="pyarrow", batch_size=feed.call_rows,
                         compute=actor_pool(spec),
                         fn_constructor_args=(spec, counter), num_cpus=spec.cpus_per_worker,
                         num_gpus=spec.gpus_per_worker or None)
@@ -188,12 +219,10 @@ def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: 
                            num_classes=meta.num_classes, png_compression=spec.png_compression)
     # Encoding and handing rows to the shard writers reserve no CPU: labelled rows must
     # never wait behind decode tasks for a core (they would pile up uncommitted). Without a
-    # CPU to bound them, two tasks per predict worker keep pace (each is one PNG encode per
-    # row and a hand-over) without a worker process per waiting block.
-    from ray.data import TaskPoolStrategy
-
-    ds = ds.map_batches(encode_batch, batch_format="pyarrow", batch_size=None, num_cpus=0,
-                        compute=TaskPoolStrategy(size=2 * spec.worker_range()[1]),
+    # CPU to bound them, a cap keeps pace (each task is one PNG encode per row and a
+    # hand-over) without a worker process per waiting block.
+    ds = ds.map_batches(encode_batch, batch_format="pyarrow", batch_size=feed.call_rows,
+                        num_cpus=0, compute=TaskPoolStrategy(size=feed.encode_tasks),
                         fn_kwargs={"identity": identity})
     return ds
 
@@ -281,6 +310,7 @@ class LeasedRun:
         self.counter = None  # the progress counter actor
         self.writers: list = []  # the shard writer actors
         self.schema: pa.Schema | None = None
+        self.feed: Feed | None = None
 
     def run(self) -> RunResult:
         state = "failed"
@@ -325,7 +355,12 @@ class LeasedRun:
 
         ctx = self.ctx
         ensure_ray(self.spec.address)
-        self.spec = resolve_auto(self.spec)
+        cpus, gpus = cluster_size()
+        self.spec = ctx.spec.resolved(cpus=cpus, gpus=gpus)
+        self.feed = feed_for(self.spec, cpus)
+        chosen = self.spec.chosen(ctx.spec)
+        if chosen:
+            ctx.echo(f"auto for {cpus:g} CPUs, {gpus:g} GPUs: {chosen}")
         data_ctx = DataContext.get_current()
         data_ctx.enable_progress_bars = False
         data_ctx.print_on_execution_start = False
@@ -357,7 +392,7 @@ class LeasedRun:
         sink = LabelDatasink(self.writers, self.schema)
         try:
             build_dataset(self.spec, ctx.plan, ctx.meta, ctx.run_id, self.writers,
-                          self.counter).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+                          self.counter, self.feed).write_datasink(sink, ray_remote_args={"num_cpus": 0})
         except Exception as exc:  # noqa: BLE001 - a lost lease and bad input are translated
             for cls in (LeaseLost, InputError):
                 cause = _find_cause(exc, cls)

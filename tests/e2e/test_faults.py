@@ -309,7 +309,7 @@ def test_a_run_that_lost_its_lease_commits_nothing(tmp_path):
         writer.add(pa.table(row, schema=SCHEMA))
     with pytest.raises(LeaseLost):  # and it stays lost
         writer.add(pa.table(row, schema=SCHEMA))
-    assert data_files(output) == [] and writer.finish()["files"] == []
+    assert data_files(output) == [] and writer.finish().files == ()
     # The new run finishes and removes its lease: the stalled run does not bring it back.
     os.unlink(tmp_path / "out" / LEASE_FILE)
     assert not stalled.renew() and not (tmp_path / "out" / LEASE_FILE).exists()
@@ -689,7 +689,7 @@ def test_out_of_memory_in_a_worker_becomes_one_error_row(ray_session, images, tm
     thread = threading.Thread(target=cap, daemon=True)
     thread.start()
     try:
-        result = run_job(job(inputs, output), echo=quiet)
+        result = run_job(job(inputs, output, workers=1), echo=quiet)  # one worker, the capped one
     finally:
         stop.set()
         thread.join(timeout=10)

@@ -214,7 +214,7 @@ def test_cluster_shape_for_cpu_and_gpu_specs():
     assert sched.cluster_shape(gpu) == sched.ClusterShape(nodes=2, cpus=8, memory_gib=32, gpus=1,
                                                           actors_per_node=2)
     assert sched.cluster_shape(gpu, gpus_per_node=4).nodes == 1
-    cpu = specmod.JobSpec(input="x", output="y", workers=3, cpus_per_worker=4)
+    cpu = specmod.JobSpec(input="x", output="y", workers=3, cpus_per_worker=4, gpus_per_worker=0)
     assert sched.cluster_shape(cpu) == sched.ClusterShape(nodes=3, cpus=8, memory_gib=32, gpus=0,
                                                           actors_per_node=1)
 

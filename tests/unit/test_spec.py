@@ -33,9 +33,9 @@ def test_dashes_and_underscores_and_tta_scales(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ('bach_size = 4\n', "job.toml: unknown key 'bach_size' (did you mean batch_size?)"),
-    ('batch_size = "4"\n', "job.toml: key 'batch_size' must be int, got str '4'"),
+    ('rows_per_file = "4"\n', "job.toml: key 'rows_per_file' must be int, got str '4'"),
     ('overwrite = 1\n', "job.toml: key 'overwrite' must be bool, got int 1"),
-    ('precision = "fp8"\n', "job.toml: key 'precision' must be one of fp32, bf16, fp16, got 'fp8'"),
+    ('precision = "fp8"\n', "job.toml: key 'precision' must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     ('[schedule]\nkind = "cron"\n', "job.toml: key 'schedule.kind' must be one of raycronjob, rayjob, cronjob, got 'cron'"),
     ('[schedule]\ncorn = "x"\n', "job.toml: unknown key 'schedule.corn' (did you mean schedule.cron?)"),
     ('tta_scales = ["a"]\n', "job.toml: key 'tta_scales' must be a list of numbers, got ['a']"),
@@ -51,8 +51,11 @@ def test_bad_keys_and_values_name_the_key_and_file(tmp_path, text, message):
 
 def test_validation_names_the_key_and_file(tmp_path):
     spec = load_spec(write(tmp_path, 'input = "a"\noutput = "b"\nbatch_size = 0\n'))
-    with pytest.raises(SpecError, match=r"^batch_size in .*job.toml: must be at least 1, got 0$"):
+    with pytest.raises(SpecError, match=r"^batch_size in .*job.toml: must be at least 1 or auto, got 0$"):
         spec.validate()
+    bad = load_spec(write(tmp_path, 'input = "a"\noutput = "b"\nworkers = "many"\n'))
+    with pytest.raises(SpecError, match=r"^workers in .*job.toml: must be a number \(4\) or a range MIN-MAX"):
+        bad.validate()
     with pytest.raises(SpecError, match="^output: missing: give OUTPUT on the command line"):
         JobSpec(input="a").validate()
 
@@ -60,7 +63,32 @@ def test_validation_names_the_key_and_file(tmp_path):
 def test_flags_override_the_file(tmp_path):
     spec = load_spec(write(tmp_path, 'input = "a"\noutput = "b"\nbatch_size = 8\n[schedule]\ncron = "0 1 * * *"\n'))
     merged = merge(spec, {"batch_size": 2, "workers": None, "schedule_cron": "0 3 * * *"})
-    assert merged.batch_size == 2 and merged.workers == 1 and merged.schedule.cron == "0 3 * * *"
+    assert merged.batch_size == 2 and merged.workers == "auto" and merged.schedule.cron == "0 3 * * *"
+
+
+@pytest.mark.parametrize(("cpus", "gpus", "chosen"), [
+    (2, 0, dict(workers=2, gpus_per_worker=0.0, cpus_per_worker=0.5, torch_threads=1,
+                batch_size=4, precision="fp32")),
+    (16, 2, dict(workers=4, gpus_per_worker=0.5, cpus_per_worker=1.0, torch_threads=None,
+                 batch_size=16, precision="bf16")),
+    (1, 0, dict(workers=1, gpus_per_worker=0.0, cpus_per_worker=0.5, decode_cpus=0.5)),
+])
+def test_auto_values_fill_the_cluster(cpus, gpus, chosen):
+    """auto: every GPU (two actors each), else one single-threaded actor per core that
+    leaves one decode task its CPU; values that were given are kept."""
+    spec = JobSpec(input="a", output="b").validate()
+    resolved = spec.resolved(cpus=cpus, gpus=gpus)
+    assert {k: getattr(resolved, k) for k in chosen} == chosen
+    assert resolved.worker_range()[1] * resolved.cpus_per_worker + resolved.decode_cpus <= cpus
+    given = JobSpec(input="a", output="b", workers=3, batch_size=2, precision="bf16",
+                    gpus_per_worker=0, cpus_per_worker=0.25).validate()
+    kept = given.resolved(cpus=cpus, gpus=gpus)
+    assert (kept.workers, kept.batch_size, kept.precision, kept.gpus_per_worker,
+            kept.cpus_per_worker) == (3, 2, "bf16", 0, 0.25)
+    assert given.resolved(cpus=cpus, gpus=gpus).chosen(given) == ""
+    if gpus:
+        assert resolved.chosen(spec) == ("--workers 4, --gpus-per-worker 0.5, --cpus-per-worker 1, "
+                                         "--batch-size 16, --precision bf16")
 
 
 @pytest.mark.parametrize("args, message", [
