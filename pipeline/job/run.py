@@ -32,7 +32,8 @@ from pipeline.store.lease import Lease, LeaseLost, acquire_lease
 from pipeline.store.output import (PROBS_STRIDE, PROGRESS_FILE, RUNS_DIR, OutputMetadata, data_files,
                                    foreign_files, schema_with_metadata)
 from pipeline.store.reconcile import clean_tmp, drop_replaced_rows, remove_identity_rows
-from pipeline.store.sources import InputError, InputPlan, no_inputs_error, plan_inputs
+from pipeline.store.sources import (InputError, InputPlan, must_list_something, no_inputs_error,
+                                    plan_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +360,7 @@ def _run_leased(ctx: RunContext) -> RunResult:
         lost = next((r["lost"] for r in shard_results if r["lost"]), None) or ctx.lease.lost
         if lost is not None:
             raise _lost(ctx, lost.split(":")[0])
-        if result.inputs == 0 and plan.kind in ("directory", "glob", "shards"):
+        if result.inputs == 0 and must_list_something(plan):
             raise JobError(str(no_inputs_error(plan)))
         repeated = sum(r["repeated"] for r in shard_results)
         if repeated:
