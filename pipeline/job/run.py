@@ -199,7 +199,8 @@ def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: 
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=INPUT_BLOCK_ROWS,
                         num_cpus=spec.decode_cpus, memory=decode_memory,
                         fn_kwargs={"max_side": spec.max_side, "retries": spec.retries,
-                                   "max_bytes": spec.max_bytes, "max_pixels": spec.max_pixels})
+                                   "max_bytes": spec.max_bytes, "max_pixels": spec.max_pixels,
+                                   "allow_private_urls": spec.allow_private_urls})
     model_spec = ModelSpec(model=spec.model, weights=spec.weights, classes=spec.classes,
                            num_classes=spec.num_classes, precision=spec.precision,
                            batch_size=spec.batch_size, torch_threads=default_torch_threads(spec),

@@ -128,7 +128,7 @@ class ReadOptions:
 
     retries: int = 3
     max_bytes: int = DEFAULT_MAX_BYTES
-    allow_private_urls: bool = True  # until the run option exists
+    allow_private_urls: bool = False  # --allow-private-urls
     backoff: float = 0.2  # seconds before the first retry (see retry.backoff_delay)
 
 
@@ -162,8 +162,8 @@ class Source:
         where = to_uri(plan.scheme, plan.path)
         if unit not in ("", "*"):
             where = f"{where.rstrip('/')}/{unit}"
-        return error_rows([where], [where], f"could not list {where} ({reason}); the images "
-                          "in it were not listed")
+        return error_rows([where], [where], f"could not be listed ({reason}); the images in it "
+                          "were not listed")
 
     def reads(self, uri: str) -> bool:
         """Whether this source reads `uri`."""
@@ -182,12 +182,13 @@ def error_rows(image_ids: list[str], uris: list[str], error: str) -> pa.Table:
 
 
 def row_group_failed(plan: InputPlan, unit: str, reason: str, what: str) -> pa.Table:
-    """The error row of a row group ("<group>:<first row>" unit) that could not be read."""
+    """The error row of a row group ("<group>:<first row>" unit) that could not be read. Like
+    every listing error it is shown after the row's uri, which names the file."""
     group = unit.split(":")[0]
     uri = f"{to_uri(plan.scheme, plan.path)}#row-group={group}"
     return error_rows([f"{posixpath.basename(plan.path)}#row-group={group}"], [uri],
-                      f"row group {group} of {to_uri(plan.scheme, plan.path)} could not be read "
-                      f"({reason}); its {what} were not listed")
+                      f"row group {group} could not be read ({reason}); its {what} were not "
+                      "listed")
 
 
 def one_line(text: object) -> str:

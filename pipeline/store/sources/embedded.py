@@ -29,8 +29,8 @@ ROW_RE = re.compile(r"^(?P<file>.+\.parquet)#row=(?P<row>\d+)$", re.IGNORECASE)
 
 READ_BUFFER = 1 << 20
 """Bytes read from the file at a time while a row group's image column is streamed."""
-READ_BATCH_ROWS = 8
-"""Cells decoded at a time while streaming (the unwanted ones are dropped at once)."""
+READ_BATCH_ROWS = 1
+"""Cells decoded at a time while streaming (each unwanted one is dropped at once)."""
 
 
 def is_image_struct(arrow_type: pa.DataType) -> bool:
@@ -118,6 +118,8 @@ class EmbeddedSource(Source):
         return ROW_RE.match(uri) is not None
 
     def read(self, uris: list[str], options: ReadOptions) -> list[bytes | ReadError]:
+        """Rows of one file are read together, a row group at a time: a row group that
+        cannot be read fails only its own rows."""
         out: list[bytes | ReadError | None] = [None] * len(uris)
         by_file: dict[str, list[tuple[int, int]]] = {}
         for i, uri in enumerate(uris):
@@ -125,16 +127,27 @@ class EmbeddedSource(Source):
             by_file.setdefault(match["file"], []).append((i, int(match["row"])))
         for file_uri, wanted in by_file.items():
             try:
-                cells = with_retries(file_uri, lambda: read_rows(file_uri, [r for _, r in wanted],
-                                                                 options.max_bytes),
-                                     retries=options.retries, backoff=options.backoff)
+                groups = with_retries(file_uri, lambda: rows_by_group(file_uri, [r for _, r in wanted]),
+                                      retries=options.retries, backoff=options.backoff)
             except ReadError as exc:
-                for i, _ in wanted:
-                    out[i] = ReadError(uris[i], exc.reason, exc.attempts, exc.transient)
-                continue
+                groups = {None: (exc, [r for _, r in wanted])}
+            cells: dict[int, bytes | str | ReadError] = {}
+            for group, (start, rows) in groups.items():
+                if isinstance(start, ReadError):
+                    cells.update({row: start for row in rows})
+                    continue
+                try:
+                    cells.update(with_retries(
+                        file_uri, lambda: read_group(file_uri, group, start, set(rows), options.max_bytes),
+                        retries=options.retries, backoff=options.backoff))
+                except ReadError as exc:
+                    cells.update({row: exc for row in rows})
             for i, row in wanted:
                 cell = cells[row]
-                out[i] = cell if isinstance(cell, bytes) else ReadError(uris[i], cell, 1, False)
+                if isinstance(cell, ReadError):
+                    out[i] = ReadError(uris[i], cell.reason, cell.attempts, cell.transient)
+                else:
+                    out[i] = cell if isinstance(cell, bytes) else ReadError(uris[i], cell, 1, False)
         return out
 
 
@@ -160,50 +173,60 @@ def _every_path_set(target: Target, column: str, meta) -> bool:
     return nulls == 0
 
 
-def read_rows(file_uri: str, rows: list[int], max_bytes: int) -> dict[int, bytes | str]:
-    """The image bytes of `rows` of an embedded-bytes Parquet file, or the reason a cell is
-    not read (empty, or above `max_bytes`). Only the row groups that hold the rows are
-    read, only their image column's `bytes` field, streamed a page at a time up to the
-    last wanted row of each group."""
+def rows_by_group(file_uri: str, rows: list[int]) -> dict[int, tuple[int, list[int]]]:
+    """Row group -> (its first row, the wanted rows in it), from the file's footer; a row
+    past the end is in no group (ValueError)."""
     import pyarrow.parquet as pq
 
     fs, path = resolve(file_uri)
+    with open_random_access(fs, path) as f:
+        meta = pq.ParquetFile(f).metadata
+    starts, total = [], 0
+    for g in range(meta.num_row_groups):
+        starts.append(total)
+        total += meta.row_group(g).num_rows
+    out: dict[int, tuple[int, list[int]]] = {}
+    for row in rows:
+        if row >= total:
+            raise ValueError(f"{file_uri}: has {total} rows, no row {row}")
+        group = max(g for g, start in enumerate(starts) if start <= row)
+        out.setdefault(group, (starts[group], []))[1].append(row)
+    return out
+
+
+def read_group(file_uri: str, group: int, first_row: int, wanted: set[int],
+               max_bytes: int) -> dict[int, bytes | str]:
+    """The image bytes of the `wanted` rows of row group `group`, or the reason a cell is
+    not read (empty, or above `max_bytes`). Only the image column's `bytes` field is read,
+    streamed a page at a time, and only up to the last wanted row."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(file_uri)
+    out: dict[int, bytes | str] = {}
     with open_random_access(fs, path) as f:
         file = pq.ParquetFile(f, buffer_size=READ_BUFFER, pre_buffer=False)
         column = image_column(file.schema_arrow)
         if column is None:
             raise ValueError(f"{file_uri}: has no image column (struct of bytes and path)")
-        starts, total = [], 0
-        for g in range(file.metadata.num_row_groups):
-            starts.append(total)
-            total += file.metadata.row_group(g).num_rows
-        by_group: dict[int, set[int]] = {}
-        for row in rows:
-            if row >= total:
-                raise ValueError(f"{file_uri}: has {total} rows, no row {row}")
-            group = max(g for g, start in enumerate(starts) if start <= row)
-            by_group.setdefault(group, set()).add(row)
-        out: dict[int, bytes | str] = {}
-        for group, wanted in sorted(by_group.items()):
-            row, last = starts[group], max(wanted)
-            for batch in file.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group],
-                                           columns=[f"{column}.bytes"], use_threads=False):
-                cells = batch.column(0).field("bytes")
-                lengths = pc.binary_length(cells).to_pylist()  # from the offsets, no copy
-                for k, length in enumerate(lengths):
-                    if row + k not in wanted:
-                        continue
-                    if length is None:
-                        out[row + k] = "the image cell holds no bytes"
-                    elif length > max_bytes:
-                        out[row + k] = too_large(max_bytes)
-                    else:
-                        out[row + k] = cells[k].as_py()
-                row += batch.num_rows
-                del batch, cells
-                if row > last:
-                    break
-        return out
+        row, last = first_row, max(wanted)
+        for batch in file.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group],
+                                       columns=[f"{column}.bytes"], use_threads=False):
+            cells = batch.column(0).field("bytes")
+            lengths = pc.binary_length(cells).to_pylist()  # from the offsets, no copy
+            for k, length in enumerate(lengths):
+                if row + k not in wanted:
+                    continue
+                if length is None:
+                    out[row + k] = "the image cell holds no bytes"
+                elif length > max_bytes:
+                    out[row + k] = too_large(max_bytes)
+                else:
+                    out[row + k] = cells[k].as_py()
+            row += batch.num_rows
+            del batch, cells
+            if row > last:
+                break
+    return out
 
 
 SOURCE = EmbeddedSource()

@@ -11,7 +11,7 @@ from pipeline.store.sources.retry import reason
 
 
 def read_all(uris: list[str | None], *, retries: int = 3, max_bytes: int = DEFAULT_MAX_BYTES,
-             allow_private_urls: bool = True, backoff: float = 0.2
+             allow_private_urls: bool = False, backoff: float = 0.2
              ) -> list[bytes | ReadError | None]:
     """The bytes of each URI, or the ReadError that names why not, in order (None for a
     None entry: a row that is not to be read).
@@ -40,7 +40,7 @@ def read_all(uris: list[str | None], *, retries: int = 3, max_bytes: int = DEFAU
 
 def read_bytes(uri: str, *, retries: int = 3, backoff: float = 0.2,
                filesystem: pafs.FileSystem | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-               allow_private_urls: bool = True) -> bytes:
+               allow_private_urls: bool = False) -> bytes:
     """The whole object at `uri` (at most `max_bytes` of it), or a ReadError (one line: the
     URI, the reason, the attempts).
 

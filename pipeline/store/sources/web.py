@@ -83,7 +83,7 @@ def _read_one(uri: str, options: ReadOptions) -> bytes | ReadError:
 
 
 def _host_slot(uri: str) -> threading.BoundedSemaphore:
-    host = urlsplit(uri).netloc.lower()
+    host = uri.split("/", 3)[2].lower() if uri.count("/") >= 2 else ""  # as written: never raises
     with _HOST_LOCK:
         slot = _HOST_SLOTS.get(host)
         if slot is None:
@@ -175,27 +175,43 @@ def _checked_address(host: str, port: int, allow_private: bool) -> str:
     raise ReadFailure(f"refused: {what} {kind}; {PRIVATE_HINT}", transient=False)
 
 
-class _PinnedHTTP(http.client.HTTPConnection):
+class _Pinned:
+    """What both pinned connections share: the socket they opened, kept so that the
+    deadline can shut it even after http.client handed it to the response."""
+
+    address: str
+    opened: socket.socket | None = None
+    expired = False
+
+    def _open(self, port: int, timeout: float) -> socket.socket:
+        sock = socket.create_connection((self.address, port), timeout)
+        self.opened = sock
+        if self.expired:  # the deadline passed while connecting
+            _shut(self)
+        return sock
+
+
+class _PinnedHTTP(_Pinned, http.client.HTTPConnection):
     """An HTTP connection to the checked `address`, whatever `host` resolves to now."""
 
     def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
+        http.client.HTTPConnection.__init__(self, host, port, timeout=timeout)
         self.address = address
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self._open(self.port, self.timeout)
 
 
-class _PinnedHTTPS(http.client.HTTPSConnection):
+class _PinnedHTTPS(_Pinned, http.client.HTTPSConnection):
     """The same over TLS: the certificate is checked against `host`."""
 
     def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=_TLS)
+        http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=_TLS)
         self.address = address
 
     def connect(self) -> None:
-        sock = socket.create_connection((self.address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self._context.wrap_socket(self._open(self.port, self.timeout),
+                                              server_hostname=self.host)
 
 
 def _request(scheme: str, host: str, port: int, target: str, address: str, end: float,
@@ -252,11 +268,12 @@ def _request(scheme: str, host: str, port: int, target: str, address: str, end: 
         conn.close()
 
 
-def _shut(conn: http.client.HTTPConnection) -> None:
-    sock = conn.sock
-    if sock is not None:
+def _shut(conn: _Pinned) -> None:
+    """The deadline: the connection's socket is shut, so a blocked read returns at once."""
+    conn.expired = True
+    if conn.opened is not None:
         try:
-            sock.shutdown(socket.SHUT_RDWR)
+            conn.opened.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 

@@ -97,18 +97,23 @@ def _list_shard(fs: pafs.FileSystem, scheme: str, shard: str, name: str,
                     continue  # .json, .cls, .txt, ...: not the image
                 keys.setdefault(posixpath.join(folder, stem), []).append(
                     (member.name, member.offset_data, member.size))
+            # tarfile takes a header cut short for the end of the archive; a complete shard
+            # has only zero blocks (the end marker) where the members stop
+            end, size = tar.offset, f.size()
+            if end < size and f.read_at(min(size - end, 512), end).strip(b"\0"):
+                raise tarfile.ReadError(f"bytes at offset {end} are not a tar header")
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         listed = sum(len(members) for members in keys.values())
         rest = (f"the members after its first {listed} images were not listed" if listed
                 else "none of its images were listed")
-        damage = f"shard {shard_uri} is not a readable tar file ({one_line(reason(exc))}); {rest}"
+        damage = f"not a readable tar file ({one_line(reason(exc))}); {rest}"
     image_ids, uris, errors = [], [], []
     for key, members in keys.items():
         image_ids.append(key if key_prefix is None else f"{key_prefix}/{key}")
         member, offset, size = members[0]
         uris.append(f"{shard_uri}#{member}@{offset}+{size}")
         errors.append(None if len(members) == 1 else
-                      f"shard {shard_uri} holds {len(members)} images for key {key!r} "
+                      f"the shard holds {len(members)} images for key {key!r} "
                       f"({', '.join(m for m, _, _ in members)}); WebDataset shards need one "
                       "image member per key")
     if damage:
