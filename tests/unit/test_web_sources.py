@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -323,3 +324,27 @@ def test_embedded_reads_hold_a_page_not_the_row_group(tmp_path: Path):
     assert whole > 50 << 20, whole  # the measure sees a whole row group when one is held
     assert arrow < 12 << 20, f"{arrow / 2**20:.1f} MiB"  # ~ the 3 MiB page, a cell, the footer
     assert python < 2 << 20, f"{python / 2**20:.1f} MiB"  # the two cells, not the 3 MiB one
+
+
+def test_fuzzed_shards_never_fail_a_listing(tmp_path: Path):
+    """60 shards from a fixed seed (tests/fuzz.py), about half damaged: the glob lists,
+    every row is readable or an error row, and every read is bytes or a ReadError."""
+    from tests.fuzz import make_shards
+
+    make_shards(tmp_path / "shards", 60, seed=0)
+    table = list_inputs(str(tmp_path / "shards" / "*.tar"))
+    listed = table.filter(pa.compute.is_null(table["error"]))
+    damaged = table.num_rows - listed.num_rows
+    assert listed.num_rows > 60 and damaged > 10  # both kinds really happen
+    results = read_all(listed["uri"].to_pylist(), retries=0)
+    assert all(isinstance(r, (bytes, ReadError)) for r in results)
+    assert any(isinstance(r, ReadError) for r in results) and any(isinstance(r, bytes) for r in results)
+
+
+def test_an_embedded_row_past_the_end_fails_only_itself(tmp_path: Path):
+    path = tmp_path / "two.parquet"
+    pq.write_table(hf_image_table([png(1), png(2)], ["a", "b"]), path)
+    first, past = read_all([f"{path}#row=0", f"{path}#row=7"], retries=0)
+    assert first == png(1)
+    assert str(past) == (f"{path}#row=7: could not read (past the end of the file (2 rows); "
+                         "1 attempt, permanent error, not retried)")

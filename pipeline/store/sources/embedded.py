@@ -133,7 +133,7 @@ class EmbeddedSource(Source):
                 groups = {None: (exc, [r for _, r in wanted])}
             cells: dict[int, bytes | str | ReadError] = {}
             for group, (start, rows) in groups.items():
-                if isinstance(start, ReadError):
+                if isinstance(start, (ReadError, str)):  # the file, or rows past its end
                     cells.update({row: start for row in rows})
                     continue
                 try:
@@ -173,9 +173,9 @@ def _every_path_set(target: Target, column: str, meta) -> bool:
     return nulls == 0
 
 
-def rows_by_group(file_uri: str, rows: list[int]) -> dict[int, tuple[int, list[int]]]:
-    """Row group -> (its first row, the wanted rows in it), from the file's footer; a row
-    past the end is in no group (ValueError)."""
+def rows_by_group(file_uri: str, rows: list[int]) -> dict[int | None, tuple[int | str, list[int]]]:
+    """Row group -> (its first row, the wanted rows in it), from the file's footer; rows
+    past the end are under None, with the reason they are not read."""
     import pyarrow.parquet as pq
 
     fs, path = resolve(file_uri)
@@ -185,10 +185,11 @@ def rows_by_group(file_uri: str, rows: list[int]) -> dict[int, tuple[int, list[i
     for g in range(meta.num_row_groups):
         starts.append(total)
         total += meta.row_group(g).num_rows
-    out: dict[int, tuple[int, list[int]]] = {}
+    out: dict[int | None, tuple[int | str, list[int]]] = {}
     for row in rows:
         if row >= total:
-            raise ValueError(f"{file_uri}: has {total} rows, no row {row}")
+            out.setdefault(None, (f"past the end of the file ({total} rows)", []))[1].append(row)
+            continue
         group = max(g for g, start in enumerate(starts) if start <= row)
         out.setdefault(group, (starts[group], []))[1].append(row)
     return out

@@ -136,9 +136,10 @@ def _csv_blocks(plan: InputPlan, fs: pafs.FileSystem) -> Iterator[pa.Table]:
     columns = manifest_columns(plan)
     options = pcsv.ConvertOptions(column_types={c: pa.string() for c in columns},
                                   include_columns=list(columns), strings_can_be_null=True)
+    quoted_newlines = pcsv.ParseOptions(newlines_in_values=True)  # as the CSV format allows
     with fs.open_input_stream(plan.path) as stream:
         first_row = 0
-        for batch in pcsv.open_csv(stream, convert_options=options):
+        for batch in pcsv.open_csv(stream, parse_options=quoted_newlines, convert_options=options):
             yield manifest_rows(plan, pa.Table.from_batches([batch]), first_row=first_row)
             first_row += batch.num_rows
 
