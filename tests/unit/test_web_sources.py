@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.store.sources import InputError, ReadError, list_inputs, read_all, read_bytes
+from pipeline.store.sources import ReadError, list_inputs, read_all, read_bytes
 from pipeline.store.sources.web import address_kind
 from tests.httpserver import ImageServer, image_server  # noqa: F401 - fixture
 

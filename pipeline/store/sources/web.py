@@ -19,6 +19,7 @@ No proxy is used: the address checked must be the address fetched.
 """
 from __future__ import annotations
 
+import functools
 import http.client
 import ipaddress
 import os
@@ -46,7 +47,12 @@ _CHUNK = 1 << 16
 _HOST_SLOTS: dict[str, threading.BoundedSemaphore] = {}
 _HOST_LOCK = threading.Lock()
 _SAFE_IN_TARGET = "/:?#[]@!$&'()*+,;=%~"
-_TLS = ssl.create_default_context()
+
+
+@functools.lru_cache(maxsize=1)
+def _tls() -> ssl.SSLContext:
+    """The system's trusted certificates, loaded on the first https fetch."""
+    return ssl.create_default_context()
 
 
 def is_http(uri: str) -> bool:
@@ -206,7 +212,7 @@ class _PinnedHTTPS(_Pinned, http.client.HTTPSConnection):
     """The same over TLS: the certificate is checked against `host`."""
 
     def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=_TLS)
+        http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=_tls())
         self.address = address
 
     def connect(self) -> None:
