@@ -221,6 +221,9 @@ class JobSpec:
                          min=1)
     max_pixels: int = key(100_000_000, "Largest image decoded (width x height, read from the header "
                                        "before decoding); larger ones become error rows.", min=64)
+    allow_private_urls: bool = key(False, "Also fetch http(s) URLs whose host is a loopback, "
+                                          "link-local or private address (refused by default, on "
+                                          "every redirect hop too).")
     max_error_rate: float | None = key(None, "Exit 3 when the share of error rows exceeds this.",
                                        min=0, max=1)
     rows_per_file: int = key(1000, "Rows per Parquet file.", min=1)

@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Before torch is imported: idle OpenMP threads sleep instead of spinning, which on 2 shared
 # cores (Ray workers beside the test process) is the difference between 50 and 2 images/s.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The loopback image server answers in milliseconds; a short per-image deadline keeps the
+# test of a server that trickles bytes short (Ray workers inherit it when Ray starts).
+os.environ.setdefault("DRN_LABEL_HTTP_TIMEOUT", "4")
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,33 @@
-"""A corpus of mutated images from a fixed seed, and a command that labels it.
+"""Fuzz corpora from a fixed seed, and a command that labels them.
 
 `make_corpus(folder, count, seed)` writes `count` files derived from real PNG, JPEG, BMP,
 WebP and TIFF images by random mutations: bit flips, truncation at a random offset,
 header fields rewritten (PNG IHDR and JPEG SOF sizes, BMP dimensions), bytes of one
-format spliced behind another's signature, and files under the wrong extension. The
-same seed gives the same corpus, byte for byte.
+format spliced behind another's signature, and files under the wrong extension.
 
-The test suite labels 300 of them (tests/e2e/test_hostile.py). The longer run:
+`make_manifest_corpus(folder, count, seed)` writes a CSV manifest of `count` rows: about
+two thirds such mutated image files, the rest cases that only a manifest can hold: bad
+URLs (malformed ports and hosts, other schemes, internal addresses that must be refused
+without a connection), members of WebDataset shards cut or corrupted at random, rows of
+an embedded-bytes Parquet file (some past its end), missing files and special files;
+every row with an odd image_id (quotes, commas, newlines, 300 characters, non-ASCII,
+empty: the URI then). `make_shards(folder, count, seed)` writes shards damaged at random
+(cut inside a member or a header, bytes flipped in a header, junk). The same seed gives
+the same corpus, byte for byte.
+
+The test suite labels a 300-row manifest corpus (tests/e2e/test_hostile.py) and lists a
+shard corpus (tests/unit/test_web_sources.py). The longer run:
 
     python -m tests.fuzz --count 3000 --out /tmp/fuzz
 
-writes the corpus, runs `drn-label run` over it, checks that every input became exactly
-one row, and prints rows, ok/error counts, wall time and the largest decode peak.
+writes the manifest corpus, runs `drn-label run` over it, checks that every row became
+exactly one output row, and prints rows, ok/error counts, wall time and the largest
+decode peak (docs/benchmarks.md has a run's figures).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import struct
 import subprocess
 import sys
@@ -110,6 +122,102 @@ def make_corpus(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return sorted(paths)
 
 
+_ODD_IDS = ("", "with space", 'quo"te', "comma,inside", "new\nline", "tab\there", "x" * 300,
+            "caf\u00e9/\u6f22\u5b57", "../../escape", "trailing/", "#hash", "  padded  ",
+            "emoji \U0001f600", "back\\slash")
+_BAD_URLS = ("http://host:abc/x.png", "http://[::1/x.png", "http:///x.png", "http://:80/x.png",
+             "ftp://127.0.0.1/x.png", "gopher://127.0.0.1/x", "http://127.0.0.1:9/x.png",
+             "https://127.0.0.2/x.png", "http://[::1]:8080/x.png", "http://0.0.0.0/x.png",
+             "http://[::ffff:127.0.0.1]/x.png", "http://localhost:99999/x.png",
+             "http://0x7f.1/x.png", "http://127.1/x y.png", "http://127.0.0.1:8\n0/x.png")
+"""Every one is malformed or names this machine (refused before any connection, as a run
+without --allow-private-urls does): the corpus needs no network and reaches no host."""
+
+
+def make_shards(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """`count` WebDataset shards of 2 to 6 mutated-or-good images (plus a .cls member each),
+    about half of them damaged: cut at a random offset, a header's bytes flipped, or junk."""
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(seed + 1)
+    seeds = _seed_images(rng)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(seeds)
+    paths = []
+    for i in range(count):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for k in range(int(rng.integers(2, 7))):
+                fmt = names[int(rng.integers(0, len(names)))]
+                for name, data in ((f"{k:03d}{FORMATS[fmt]}", seeds[fmt]), (f"{k:03d}.cls", b"1")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        data = bytearray(buf.getvalue())
+        damage = int(rng.integers(0, 6))
+        if damage == 0:
+            data = data[: int(rng.integers(1, len(data)))]
+        elif damage == 1:  # flip bytes in the first header (its name, size or checksum)
+            for _ in range(int(rng.integers(1, 8))):
+                data[int(rng.integers(0, 512))] ^= 0xFF
+        elif damage == 2:
+            data = bytearray(rng.bytes(int(rng.integers(1, 4096))))
+        path = folder / f"shard-{i:04d}.tar"
+        path.write_bytes(bytes(data))
+        paths.append(path)
+    return paths
+
+
+def make_manifest_corpus(folder: Path, count: int, seed: int = 0) -> tuple[Path, list[str]]:
+    """A CSV manifest of `count` rows (see the module's doc) in `folder`, and the image_ids
+    a run must give one row each."""
+    import csv
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed + 2)
+    images = make_corpus(folder / "images", count - count // 3, seed)
+    uris = [str(p.relative_to(folder)) for p in images]
+    shards = make_shards(folder / "shards", max(1, count // 30), seed)
+    members = []
+    for shard in shards:  # members as a listing of the intact part would name them
+        try:
+            with tarfile.open(shard, mode="r:") as tar:
+                members += [f"{shard}#{m.name}@{m.offset_data}+{m.size}" for m in tar if m.isfile()]
+        except (tarfile.TarError, OSError, EOFError):
+            pass
+    seeds = _seed_images(rng)
+    cells = [seeds[str(rng.choice(list(seeds)))] if rng.random() < 0.7 else rng.bytes(64)
+             for _ in range(12)]
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    embedded = folder / "embedded.parquet"
+    pq.write_table(pa.table({"image": pa.array([{"bytes": c, "path": None} for c in cells],
+                                               image_type)}), embedded, row_group_size=5)
+    os.mkfifo(folder / "fifo.png")
+    extra = ([f"{embedded}#row={k}" for k in range(14)] + members
+             + [f"{u}?{k}" if u.startswith("http") else u for k, u in enumerate(_BAD_URLS)]
+             + [str(folder / "missing.png"), str(folder / "images"), "/dev/zero",
+                str(folder / "fifo.png")])
+    rng.shuffle(extra)
+    uris += extra[: count - len(uris)]
+    while len(uris) < count:  # more bad URLs, each made unique by its query
+        uris.append(f"{_BAD_URLS[len(uris) % len(_BAD_URLS)]}?n={len(uris)}")
+    rows, ids = [], []
+    for i, uri in enumerate(uris):
+        odd = _ODD_IDS[int(rng.integers(0, len(_ODD_IDS)))]
+        image_id = f"{i:05d} {odd}" if odd else ""
+        rows.append((image_id, uri))
+        ids.append(image_id or uri.strip())
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "uri"])
+        writer.writerows(rows)
+    return folder / "manifest.csv", ids
+
+
 def decode_peak_bytes(path: Path) -> int:
     """Peak memory traced while reading and decoding one file as a labelling run does."""
     import pyarrow as pa
@@ -131,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="working folder (corpus, output)")
     args = parser.parse_args(argv)
-    corpus = make_corpus(args.out / "corpus", args.count, args.seed)
-    peak = max(decode_peak_bytes(p) for p in corpus)
+    manifest, expected = make_manifest_corpus(args.out / "corpus", args.count, args.seed)
+    peak = max(decode_peak_bytes(p) for p in sorted((args.out / "corpus" / "images").iterdir()))
     t0 = time.time()
     output = args.out / "labels"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(args.out / "corpus"),
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(manifest),
                            str(output), "--num-classes", "3", "--max-side", "64",
                            "--batch-size", "8", "--rows-per-file", "500"], text=True)
     wall = time.time() - t0
@@ -143,14 +251,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.store.output import data_files
 
-    table = pq.read_table(data_files(str(output)), columns=["image_id", "status"])
+    table = pq.read_table(data_files(str(output)), columns=["image_id", "status", "error"])
     ids = table["image_id"].to_pylist()
     ok = sum(s == "ok" for s in table["status"].to_pylist())
-    expected = sorted(p.name for p in corpus)
-    print(f"inputs {len(corpus)}  rows {len(ids)}  unique {len(set(ids))}  ok {ok}  "
+    one_line = all("\n" not in e for e in table["error"].to_pylist() if e)
+    print(f"inputs {len(expected)}  rows {len(ids)}  unique {len(set(ids))}  ok {ok}  "
           f"errors {len(ids) - ok}  exit {proc.returncode}  wall {wall:.1f}s  "
-          f"largest decode peak {peak / 2**20:.1f} MiB")
-    return 0 if proc.returncode == 0 and sorted(ids) == expected else 1
+          f"largest decode peak {peak / 2**20:.1f} MiB  one-line errors {one_line}")
+    return 0 if proc.returncode == 0 and sorted(ids) == sorted(expected) and one_line else 1
 
 
 if __name__ == "__main__":

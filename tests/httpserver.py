@@ -7,7 +7,13 @@ Paths (``NAME`` is a file registered with `ImageServer.add`):
 - ``/flaky/K/NAME``: 503 to the first K requests, then 200;
 - ``/status/CODE/NAME``: always CODE;
 - ``/hang/SECONDS/NAME``: waits, then 200 (for timeouts);
-- ``/slow/NAME``: 200 after 0.2 s (to observe how many requests overlap per host).
+- ``/slow/NAME``: 200 after 0.2 s (to observe how many requests overlap per host);
+- ``/drip/SECONDS/NAME``: 200 with the full Content-Length, then one body byte every
+  SECONDS (a server that never quite stops sending);
+- ``/notHTTP/NAME``: answers with a line that is not an HTTP status line, then closes;
+- ``/redirect/K/NAME``: K redirects (302, relative Location) before ``/ok/NAME``;
+- ``/to?url=URL``: one 302 to URL (any scheme, any host: it is never fetched by the
+  server itself).
 `hits` counts requests per path; `max_in_flight` is the most requests served at once.
 """
 from __future__ import annotations
@@ -57,9 +63,24 @@ class ImageServer:
         self.files[name] = data
 
     def _answer(self, h: BaseHTTPRequestHandler, count: int) -> None:
+        from urllib.parse import parse_qs, urlsplit
+
         parts = h.path.split("?", 1)[0].strip("/").split("/")
         kind, name = parts[0], parts[-1]
         status, headers = 200, {}
+        if kind == "notHTTP":
+            h.wfile.write(b"HELLO THIS IS NOT HTTP\r\n\r\n")
+            h.close_connection = True
+            return
+        if kind == "to":
+            status, headers = 302, {"Location": parse_qs(urlsplit(h.path).query)["url"][0]}
+        elif kind == "redirect" and int(parts[1]) > 0:
+            status, headers = 302, {"Location": f"/redirect/{int(parts[1]) - 1}/{name}"}
+        elif kind == "redirect":
+            kind = "ok"
+        if kind == "drip":
+            self._drip(h, self.files.get(name, b"x" * 1000), float(parts[1]))
+            return
         if kind == "throttle" and count <= int(parts[1]):
             status, headers = 429, {"Retry-After": "0"}
         elif kind == "flaky" and count <= int(parts[1]):
@@ -82,6 +103,19 @@ class ImageServer:
             h.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+    @staticmethod
+    def _drip(h: BaseHTTPRequestHandler, body: bytes, interval: float) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        try:
+            for k in range(len(body)):
+                h.wfile.write(body[k:k + 1])
+                h.wfile.flush()
+                time.sleep(interval)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # the client gave up: that is the point
 
     def start(self) -> "ImageServer":
         self._thread.start()

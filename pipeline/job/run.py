@@ -32,7 +32,8 @@ from pipeline.store.lease import Lease, LeaseLost, acquire_lease
 from pipeline.store.output import (PROGRESS_FILE, RUNS_DIR, OutputMetadata, data_files,
                                    foreign_files, schema_with_metadata)
 from pipeline.store.reconcile import clean_tmp, drop_replaced_rows, remove_identity_rows
-from pipeline.store.sources import InputError, InputPlan, no_inputs_error, plan_inputs
+from pipeline.store.sources import (InputError, InputPlan, must_list_something, no_inputs_error,
+                                    plan_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,8 @@ def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: 
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=feed.decode_rows,
                         num_cpus=spec.decode_cpus, memory=feed.decode_memory,
                         fn_kwargs={"max_side": spec.max_side, "retries": spec.retries,
-                                   "max_bytes": spec.max_bytes, "max_pixels": spec.max_pixels})
+                                   "max_bytes": spec.max_bytes, "max_pixels": spec.max_pixels,
+                                   "allow_private_urls": spec.allow_private_urls})
     ds = ds.map_batches(PredictActor, batch_format="pyarrow", batch_size=feed.call_rows,
                         compute=actor_pool(spec),
                         fn_constructor_args=(spec, counter), num_cpus=spec.cpus_per_worker,
@@ -419,7 +421,7 @@ class LeasedRun:
         lost = next((r.lost for r in shard_results if r.lost), None) or ctx.lease.lost
         if lost is not None:
             raise _lost(ctx, lost.split(":")[0])
-        if result.inputs == 0 and ctx.plan.kind in ("directory", "glob", "shards"):
+        if result.inputs == 0 and must_list_something(ctx.plan):
             raise JobError(str(no_inputs_error(ctx.plan)))
         repeated = sum(r.repeated for r in shard_results)
         if repeated:

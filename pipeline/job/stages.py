@@ -44,7 +44,8 @@ def one_line(text: str) -> str:
 
 # -- decode (CPU tasks) ------------------------------------------------------------------
 def decode_batch(batch: pa.Table, *, max_side: int, retries: int,
-                 max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 allow_private_urls: bool = False) -> pa.Table:
     """Read and decode each row's image; errors (from listing, reading or decoding) become rows."""
     from pipeline.store.decode import decode_image, fit_max_side
     from pipeline.store.sources import read_all
@@ -55,7 +56,7 @@ def decode_batch(batch: pa.Table, *, max_side: int, retries: int,
     uris = batch.column("uri").to_pylist()
     # One call for the batch: URLs are fetched concurrently, embedded rows read together.
     contents = read_all([None if e else u for u, e in zip(uris, listed_errors)],
-                        retries=retries, max_bytes=max_bytes)
+                        retries=retries, max_bytes=max_bytes, allow_private_urls=allow_private_urls)
     for image_id, uri, listed_error, data in zip(batch.column("image_id").to_pylist(), uris,
                                                  listed_errors, contents):
         row = {"image_id": image_id, "uri": uri, "status": "ok", "error": None, "height": None,

@@ -14,10 +14,20 @@ Decoding decisions (one place, so the model always sees the same thing):
 - 16-bit samples are scaled with round(v / 257): the exact inverse of the usual 8 -> 16
   bit expansion (v * 257), mapping 0 -> 0 and 65535 -> 255. Other depths (float, signed)
   are rejected.
+- A JPEG the decoder had to fill in is refused: libjpeg reports corrupt or missing scan
+  data only as a warning printed on stderr ("Corrupt JPEG data: premature end of data
+  segment") and returns an image padded with grey. So while OpenCV decodes a JPEG, file
+  descriptor 2 points at a scratch file; a warning of that kind makes the image an error,
+  and any other text is passed on to the real stderr. (PNG, WebP and TIFF decoders fail
+  outright on such damage, so OpenCV returns nothing.)
 """
 from __future__ import annotations
 
+import os
 import struct
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 
 import cv2
@@ -157,10 +167,17 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
     if not header.complete:
         raise DecodeError(f"{name}: truncated {header.format} ({header.width}x{header.height} "
                           f"declared, {len(data)} bytes, no end marker); not decoded")
+    warning = None
     try:
-        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _FLAGS)
+        if header.format == "JPEG":
+            pixels, warning = _decode_watching_stderr(data)
+        else:
+            pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _FLAGS)
     except cv2.error:
         pixels = None  # OpenCV raises for some malformed headers, returns None for others
+    if warning is not None:
+        raise DecodeError(f"{name}: corrupt JPEG, the decoder had to fill it in ({warning}); "
+                          "not labelled")
     if pixels is None:
         raise DecodeError(
             f"{name}: not a decodable image (truncated or not an image; {len(data)} bytes)")
@@ -176,6 +193,46 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
     if pixels.ndim == 2:  # defensive: IMREAD_COLOR always gives 3 channels
         return cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB, dst=pixels)
+
+
+_CORRUPTION_WARNINGS = (b"Corrupt JPEG data", b"Premature end of JPEG file")
+"""How libjpeg's warnings about damaged scan data begin (jerror.h: JWRN_JPEG_EOF,
+JWRN_EXTRANEOUS_DATA, JWRN_HIT_MARKER, JWRN_HUFF_BAD_CODE, ...)."""
+_STDERR_LOCK = threading.Lock()
+_scratch: list = []  # one scratch file per process, made on first use
+
+
+def _decode_watching_stderr(data: bytes) -> tuple[np.ndarray | None, str | None]:
+    """cv2.imdecode with fd 2 pointed at a scratch file: (pixels, the first corruption
+    warning or None). Other text written meanwhile (another thread's) is passed on."""
+    with _STDERR_LOCK:
+        if not _scratch:
+            _scratch.append(tempfile.TemporaryFile())
+        scratch = _scratch[0].fileno()
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(scratch, 2)
+        try:
+            pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _FLAGS)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        written = os.fstat(scratch).st_size
+        text = os.pread(scratch, written, 0) if written else b""
+        if written:  # empty it for the next image (the offset is shared with fd 2's copy)
+            os.ftruncate(scratch, 0)
+            os.lseek(scratch, 0, os.SEEK_SET)
+    if not text:
+        return pixels, None
+    warning, passed_on = None, []
+    for line in text.splitlines(keepends=True):
+        if warning is None and line.startswith(_CORRUPTION_WARNINGS):
+            warning = " ".join(line.decode("utf-8", "replace").split())
+        elif not line.startswith(_CORRUPTION_WARNINGS):
+            passed_on.append(line)
+    if passed_on:
+        os.write(2, b"".join(passed_on))
+    return pixels, warning
 
 
 _BAND_PIXELS = 1 << 16  # samples per band: its uint32 temporary is 256 KiB

@@ -302,17 +302,23 @@ def test_an_interrupted_run_records_what_it_committed(tmp_path):
 
 
 # -- fuzz --------------------------------------------------------------------------------------------
-def test_fuzzed_images_each_become_one_row(ray_session, cli_runner, tmp_path):
-    """300 mutated images from a fixed seed (tests/fuzz.py): one row each, no crash, no
-    hang, and no decode above a few MiB of traced memory."""
-    from tests.fuzz import decode_peak_bytes, make_corpus
+def test_fuzzed_manifest_rows_each_become_one_row(ray_session, cli_runner, tmp_path):
+    """A 300-row manifest from a fixed seed (tests/fuzz.py): mutated images, bad URLs,
+    members of damaged shards, embedded rows, special files, odd image_ids. One row each,
+    no crash, no hang, one-line errors, and no decode above a few MiB of traced memory."""
+    from tests.fuzz import decode_peak_bytes, make_manifest_corpus
 
-    corpus = make_corpus(tmp_path / "corpus", 300, seed=0)
-    assert max(decode_peak_bytes(p) for p in corpus) < 8 << 20
-    res = label(cli_runner, tmp_path / "corpus", tmp_path / "out", "--rows-per-file", "100")
+    manifest, expected = make_manifest_corpus(tmp_path / "corpus", 300, seed=0)
+    images = sorted((tmp_path / "corpus" / "images").iterdir())
+    assert max(decode_peak_bytes(p) for p in images) < 8 << 20
+    res = label(cli_runner, manifest, tmp_path / "out", "--rows-per-file", "100")
     assert res.exit_code == 0, res.output
     rows = rows_of(tmp_path / "out")
-    assert sorted(rows) == sorted(p.name for p in corpus)
+    assert sorted(rows) == sorted(expected)
     statuses = Counter(r["status"] for r in rows.values())
     assert statuses["ok"] > 50 and statuses["error"] > 50  # both kinds really happen
     assert all(r["error"] and "\n" not in r["error"] for r in rows.values() if r["status"] == "error")
+    kinds = " ".join(r["error"] for r in rows.values() if r["status"] == "error")
+    for reason in ("malformed URL", "refused: ", "unsupported scheme", "a FIFO",
+                   "not a decodable image", "past the end of the file"):
+        assert reason in kinds, reason

@@ -189,3 +189,40 @@ def test_resize_mask_is_nearest_and_keeps_dtype():
         resize_mask(mask.astype(np.int32), 4, 4)
     with pytest.raises(ValueError):
         resize_mask(np.zeros((2, 2, 1), np.uint8), 4, 4)
+
+
+def _jpeg_scan_damage() -> tuple[bytes, bytes, bytes]:
+    """(a good JPEG, its scan cut to a third with the end marker put back, its scan with
+    bits flipped): the two damaged ones decode in OpenCV to a picture padded with grey,
+    with only a libjpeg warning on stderr."""
+    import cv2
+
+    rgb = scene(96, 128, seed=5)
+    good = cv2.imencode(".jpg", rgb[..., ::-1])[1].tobytes()
+    scan = good.find(b"\xff\xda")
+    cut = good[: scan + (len(good) - scan) // 3] + b"\xff\xd9"
+    flipped = bytearray(good)
+    for k in range(20):
+        flipped[scan + 200 + 37 * k] ^= 0x55
+    return good, cut, bytes(flipped)
+
+
+def test_a_jpeg_the_decoder_had_to_fill_in_is_an_error(capfd):
+    import cv2
+
+    good, cut, flipped = _jpeg_scan_damage()
+    assert cv2.imdecode(np.frombuffer(cut, np.uint8), cv2.IMREAD_COLOR) is not None  # OpenCV: "ok"
+    capfd.readouterr()
+    with pytest.raises(DecodeError) as info:
+        decode_image(cut, "cut.jpg")
+    assert str(info.value) == ("cut.jpg: corrupt JPEG, the decoder had to fill it in (Corrupt JPEG "
+                               "data: premature end of data segment); not labelled")
+    with pytest.raises(DecodeError, match=r"^flipped\.jpg: corrupt JPEG, the decoder had to fill "
+                                          r"it in \(Corrupt JPEG data: \d+ extraneous bytes"):
+        decode_image(flipped, "flipped.jpg")
+    assert decode_image(good, "good.jpg").shape == (96, 128, 3)
+    import os
+
+    os.write(2, b"stderr is back\n")  # fd 2 is restored, and the warnings went nowhere else
+    err = capfd.readouterr().err
+    assert err == "stderr is back\n", err

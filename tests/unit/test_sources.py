@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.store.sources import (
     IMAGE_EXTENSIONS, INPUT_SCHEMA, InputError, ReadError, glob_to_regex, is_transient,
-    list_inputs, parquet_row_groups, plan_inputs, read_bytes, read_row_group, resolve,
+    list_inputs, list_unit, list_units, plan_inputs, read_bytes, resolve,
 )
 from tests.imagegen import make_collection
 from tests.s3server import FlakyHandler
@@ -232,9 +232,8 @@ def test_parquet_manifest_streams_by_row_group(tmp_path):
     uris = [f"img{i}.png" if i % 3 else f"/abs/img{i}.png" for i in range(7)]
     pq.write_table(pa.table({"uri": uris}), tmp_path / "m.parquet", row_group_size=3)
     plan = plan_inputs(str(tmp_path / "m.parquet"))
-    assert parquet_row_groups(plan) == [(0, 0), (1, 3), (2, 6)]
-    blocks = [block for group, first in parquet_row_groups(plan)
-              for block in read_row_group(plan, group, first, batch_rows=2)]
+    assert list_units(plan) == ["0:0", "1:3", "2:6"]
+    blocks = [block for unit in list_units(plan) for block in list_unit(plan, unit, block_rows=2)]
     assert [b.num_rows for b in blocks] == [2, 1, 2, 1, 1]
     streamed = pa.concat_tables(blocks).sort_by("image_id")
     assert _rows(streamed) == _rows(list_inputs(str(tmp_path / "m.parquet")))
@@ -244,8 +243,8 @@ def test_parquet_manifest_streams_by_row_group(tmp_path):
                    tmp_path / "bad.parquet", row_group_size=2)
     plan = plan_inputs(str(tmp_path / "bad.parquet"))
     with pytest.raises(InputError) as err:
-        for group, first in parquet_row_groups(plan):
-            list(read_row_group(plan, group, first, batch_rows=8))
+        for unit in list_units(plan):
+            list(list_unit(plan, unit, block_rows=8))
     assert str(err.value) == (f"input {tmp_path}/bad.parquet: row 5 has an empty uri; every "
                               "row needs the path or URI of one image")
 
