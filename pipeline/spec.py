@@ -136,8 +136,9 @@ class JobSpec:
     input: str | None = key(help="", cli=False)
     output: str | None = key(help="", cli=False)
     model: str = key("drn_d_22", "Architecture, see `drn-label models`.")
-    weights: str | None = key(None, "Checkpoint: path, file:// or http(s):// URL (authors', "
-                                    "torchvision or own format).")
+    weights: str | None = key(None, "Checkpoint: a path, an http(s)://, s3://, gs:// or hf:// URL, "
+                                    "or a released name such as drn_d_22:cityscapes (`drn-label "
+                                    "models` lists them).")
     classes: str | None = key(None, "Label set: a preset (cityscapes) or a classes file.")
     num_classes: int | None = key(None, "Number of classes when neither weights nor --classes tell it.",
                                   min=1)
@@ -194,10 +195,12 @@ class JobSpec:
         def bad(key: str, msg: str) -> SpecError:
             return SpecError(f"{key}{where}: {msg}")
 
-        if not self.input:
-            raise bad("input", "missing: give INPUT on the command line or `input = ...`")
-        if not self.output:
-            raise bad("output", "missing: give OUTPUT on the command line or `output = ...`")
+        # INPUT and OUTPUT are the command's arguments or the spec's keys: say both.
+        for name in ("input", "output"):
+            if not getattr(self, name):
+                spec_file = f"in {self.source}" if self.source else "of a --job spec"
+                raise SpecError(f"{name.upper()} is missing: give it on the command line "
+                                f"(INPUT OUTPUT) or as `{name} = \"...\"` {spec_file}")
         for prefix, obj in (("", self), ("schedule.", self.schedule)):
             for f in fields(obj):
                 value = getattr(obj, f.name)
@@ -210,7 +213,9 @@ class JobSpec:
                 if problem:
                     raise bad(prefix + f.name, problem)
         if self.overwrite and self.retry_errors:
-            raise bad("overwrite", "cannot be combined with retry_errors")
+            keys = f" (overwrite, retry_errors in {self.source})" if self.source else ""
+            raise SpecError(f"--overwrite and --retry-errors{keys} cannot be combined: "
+                            "--overwrite relabels every image, error rows included")
         return self
 
     def to_toml_dict(self) -> dict[str, Any]:

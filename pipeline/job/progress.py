@@ -20,6 +20,16 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def format_duration(seconds: float) -> str:
+    """12.3s, 4m05s, 2h07m: how long, as a person reads it."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(round(seconds))
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
 @dataclass
 class Progress:
     run_id: str

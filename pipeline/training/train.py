@@ -270,8 +270,8 @@ def resolve_label_set(data_dir: Path, classes, pairs, log: Callable[[str], None]
     if classes is None:
         classes = data_dir / "classes.json"
         if not classes.is_file():
-            raise FileNotFoundError(f"training data {data_dir}: no classes.json; pass classes= "
-                                    "(a label file or preset) to say what the mask values mean")
+            raise FileNotFoundError(f"training data {data_dir}: no classes.json; give --classes "
+                                    "(a preset or a classes file) to say what the mask values mean")
     label_set = drn.load_label_set(classes)
     given = isinstance(classes, drn.LabelSet) or str(classes) in drn.list_presets()
     if not given:

@@ -53,8 +53,15 @@ def test_validation_names_the_key_and_file(tmp_path):
     spec = load_spec(write(tmp_path, 'input = "a"\noutput = "b"\nbatch_size = 0\n'))
     with pytest.raises(SpecError, match=r"^batch_size in .*job.toml: must be at least 1, got 0$"):
         spec.validate()
-    with pytest.raises(SpecError, match="^output: missing: give OUTPUT on the command line"):
+    with pytest.raises(SpecError) as missing:
         JobSpec(input="a").validate()
+    assert str(missing.value) == ('OUTPUT is missing: give it on the command line (INPUT OUTPUT) '
+                                  'or as `output = "..."` of a --job spec')
+    spec = load_spec(write(tmp_path, 'output = "b"\n'))
+    with pytest.raises(SpecError) as missing:
+        spec.validate()
+    assert str(missing.value) == (f'INPUT is missing: give it on the command line (INPUT OUTPUT) '
+                                  f'or as `input = "..."` in {tmp_path / "job.toml"}')
 
 
 def test_flags_override_the_file(tmp_path):
@@ -69,9 +76,14 @@ def test_flags_override_the_file(tmp_path):
     (["run", "in", "out", "--model", "drn_x"], "Invalid value for '--model': 'drn_x' is not one of drn_a_18"),
     (["run", "in", "out", "--tta-scales", "a,b"], "Invalid value for '--tta-scales': 'a,b': expected numbers"),
     (["run", "in", "out", "--max-error-rate", "2"], "Invalid value for '--max-error-rate'"),
-    (["run", "in"], "output: missing: give OUTPUT on the command line or `output = ...`"),
+    (["run", "in"], 'Error: OUTPUT is missing: give it on the command line (INPUT OUTPUT) or as '
+                    '`output = "..."` of a --job spec'),
+    (["run"], 'Error: INPUT is missing: give it on the command line (INPUT OUTPUT) or as '
+              '`input = "..."` of a --job spec'),
     (["run", "--job", "nope.toml"], "Invalid value for '--job': File 'nope.toml' does not exist."),
-    (["run", "in", "out", "--overwrite", "--retry-errors"], "overwrite: cannot be combined with retry_errors"),
+    (["run", "in", "out", "--overwrite", "--retry-errors"],
+     "Error: --overwrite and --retry-errors cannot be combined: --overwrite relabels every image, "
+     "error rows included"),
 ])
 def test_bad_options_are_usage_errors(cli_runner, args, message):
     result = cli_runner.invoke(cli, args)
