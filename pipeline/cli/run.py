@@ -7,8 +7,9 @@ import sys
 
 import click
 
+from pipeline.cli import command_line
 from pipeline.cli.options import example, run_options, spec_from_cli
-from pipeline.errors import ErrorRateExceeded, UsageError
+from pipeline.errors import ErrorRateExceeded, UsageError, stop_exit_code
 
 
 @click.command(epilog=example("drn-label models"))
@@ -47,18 +48,28 @@ def models() -> None:
 @click.argument("input_", metavar="INPUT", required=False)
 @click.argument("output", required=False)
 @run_options
-def run(input_, output, job, **options) -> None:
+@click.pass_context
+def run(ctx: click.Context, input_, output, job, **options) -> None:
     """Label every image in INPUT; write masks and class scores to OUTPUT (Parquet).
 
     INPUT is a directory (recursive), a glob, or a manifest (.txt, .csv, .parquet);
     INPUT and OUTPUT may be local paths or s3:// URIs. Rerunning the same command
-    labels only what is missing.
+    labels only what is missing. Ctrl-C (exit 130) or SIGTERM (exit 143) stop it keeping
+    what it committed, and print the command that resumes.
     """
-    from pipeline.job.run import run_job
+    from pipeline.job.run import RunInterrupted, run_job
 
     spec = spec_from_cli(input_, output, job, **options)
     _stop_on_sigterm()
-    result = run_job(spec, echo=lambda m: click.echo(m, err=True))
+    try:
+        result = run_job(spec, echo=lambda m: click.echo(m, err=True))
+    except RunInterrupted as exc:
+        _interrupted(ctx, exc.result.summary(), exc.exit_code)
+    except (KeyboardInterrupt, SystemExit) as exc:  # before the run was set up, or while it ended
+        code = stop_exit_code(exc)
+        if code is None:
+            raise
+        _interrupted(ctx, f"interrupted; rows committed to {spec.output} stay", code)
     click.echo(result.summary())
     if result.exit_code:
         labelled = result.ok + result.errors
@@ -66,9 +77,17 @@ def run(input_, output, job, **options) -> None:
                                 f"--max-error-rate {spec.max_error_rate}")
 
 
+def _interrupted(ctx: click.Context, what: str, code: int) -> None:
+    click.echo(f"\n{what}", err=True)
+    click.echo(f"rerun the same command to label the rest (nothing is labelled twice):\n  "
+               f"{command_line(ctx)}", err=True)
+    ctx.exit(code)
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM (`drn-label stop`, Kubernetes, systemd) ends the run like Ctrl-C does: the
-    run record says "interrupted" and counts what was committed, and the lease is released."""
+    run record says "interrupted" and counts what was committed, and the lease is released.
+    (Once Ray starts, its own driver handler raises SystemExit(15): read the same way.)"""
     import signal
     import threading
 

@@ -23,8 +23,8 @@ from typing import Callable, TextIO
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.errors import EXIT_ERROR_RATE, EXIT_OK, JobError
-from pipeline.job.progress import Progress, ProgressReporter
+from pipeline.errors import EXIT_ERROR_RATE, EXIT_OK, Interrupted, JobError, stop_exit_code
+from pipeline.job.progress import Progress, ProgressReporter, format_duration
 from pipeline.job.stages import ModelSpec, RowIdentity
 from pipeline.spec import JobSpec
 from pipeline.store.fs import resolve, write_bytes_atomic
@@ -67,9 +67,31 @@ class RunResult:
     exit_code: int = EXIT_OK
 
     def summary(self) -> str:
-        return (f"{self.state}: {self.ok} ok, {self.errors} errors, {self.skipped} already labelled "
-                f"(of {self.inputs} inputs) in {self.wall_s:.1f}s "
-                f"({self.images_per_s:.1f} img/s); output: {self.output}")
+        """One line: counts, then the one images/s figure (images labelled over labelling
+        time), with start-up apart."""
+        labelled = self.ok + self.errors
+        if self.state == "interrupted" and not (self.to_label or labelled):
+            return f"interrupted while starting, before any image was labelled; output: {self.output}"
+        if self.state == "interrupted":
+            counts = (f"interrupted: {self.ok} ok, {self.errors} errors committed, "
+                      f"{max(self.to_label - labelled, 0)} of the {self.to_label} images listed "
+                      f"so far not; {self.skipped} were already labelled")
+        else:
+            counts = (f"{self.state}: {self.ok} ok, {self.errors} errors, {self.skipped} already "
+                      f"labelled (of {self.inputs} inputs)")
+        return (f"{counts}; {labelled} images in {format_duration(self.label_s)} of labelling "
+                f"({self.images_per_s:.1f} images/s) after {format_duration(self.startup_s)} of "
+                f"start-up; output: {self.output}")
+
+
+class RunInterrupted(Interrupted):
+    """Ctrl-C or SIGTERM stopped a run; `result` holds what it committed (its rows stay,
+    and rerunning the same command labels the rest)."""
+
+    def __init__(self, result: RunResult, stopped_by: BaseException) -> None:
+        super().__init__(f"{result.summary()}; rerun the same command to label the rest")
+        self.result = result
+        self.exit_code = stop_exit_code(stopped_by) or self.exit_code
 
 
 def new_run_id() -> str:
@@ -134,6 +156,14 @@ def ensure_ray(address: str | None) -> bool:
     # its start-up notices (token authentication) on every run.
     level = logging.getLevelName(os.environ.get("DRN_LABEL_RAY_LOG_LEVEL", "WARNING").upper())
     level = level if isinstance(level, int) else logging.WARNING
+    # ray.init replaces SIGTERM's handler (sys.exit(15), under a C++ one that aborts the
+    # process if it is not gone within seconds); a caller's own (the CLI's: stop like
+    # Ctrl-C, commit what the writers hold, exit 143) is put back afterwards.
+    import signal
+    import threading
+
+    own_sigterm = (signal.getsignal(signal.SIGTERM)
+                   if threading.current_thread() is threading.main_thread() else None)
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False,
                  logging_level=level)
@@ -144,6 +174,8 @@ def ensure_ray(address: str | None) -> bool:
         os.environ.setdefault("OMP_WAIT_POLICY", env_vars["OMP_WAIT_POLICY"])
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  logging_level=level)
+    if callable(own_sigterm):
+        signal.signal(signal.SIGTERM, own_sigterm)
     return True
 
 
@@ -306,7 +338,7 @@ def _run_leased(ctx: RunContext) -> RunResult:
     progress = Progress(run_id=run_id, output=output)
     save = lambda p: write_bytes_atomic(output, PROGRESS_FILE, p.to_json().encode())  # noqa: E731
     state = "failed"
-    reporter = counter = None
+    reporter = counter = stopped_by = None
     writers: list = []
     try:
         ensure_ray(spec.address)
@@ -333,9 +365,9 @@ def _run_leased(ctx: RunContext) -> RunResult:
             progress=counter)
         del files, done_refs
         result.startup_s = time.time() - t_start
+        t_label = time.time()
         reporter = ProgressReporter(progress, lambda: ray.get(counter.snapshot.remote(), timeout=10),
                                     save=save, stream=stream).start()
-        t_label = time.time()
         sink = LabelDatasink(writers, schema)
         try:
             build_dataset(spec, plan, meta, run_id, writers, counter).write_datasink(
@@ -376,17 +408,28 @@ def _run_leased(ctx: RunContext) -> RunResult:
                 echo(f"removed {replaced} rows that newer rows of {meta.model} replace")
         clean_tmp(output)
         state = "finished"
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or `drn-label stop` (SIGTERM -> SystemExit)
-        state = "interrupted"
-        raise
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM (a SystemExit)
+        if stop_exit_code(exc) is None:
+            state = "interrupted"
+            raise
+        state, stopped_by = "interrupted", exc
     finally:
+        stopped_files = _stop_writers(writers) if stopped_by is not None else None
         if reporter is not None:
-            final = reporter.finish(state)
+            if state != "finished":
+                result.label_s = time.time() - t_label
+            final = reporter.finish(state, label_s=result.label_s)
             if state != "finished":  # the sink never reported back: count what was committed
                 result.ok, result.errors = final.committed_ok, final.committed_errors
                 result.files_committed = final.committed_files
-            # One images/s figure: the progress line's (since the first labelled image),
-            # so the summary and the last line of the bar agree.
+                result.skipped, result.to_label = final.skipped, final.total
+                result.inputs = final.skipped + final.total
+            if stopped_files is not None:  # exactly what the writers committed
+                result.files = [f["file"] for f in stopped_files]
+                result.ok = sum(f["ok"] for f in stopped_files)
+                result.errors = sum(f["errors"] for f in stopped_files)
+            # One images/s figure, labelled images over labelling time: the last line of the
+            # bar, the summary and the run record agree.
             result.images_per_s = final.images_per_s
         else:
             progress.state = state
@@ -402,10 +445,34 @@ def _run_leased(ctx: RunContext) -> RunResult:
         if not ctx.lease.lost:  # a run that lost the lease writes nothing more into OUTPUT
             write_bytes_atomic(output, f"{RUNS_DIR}/{run_id}.json",
                                json.dumps(_record(spec, meta, result, t_start), indent=2).encode())
+    if stopped_by is not None:
+        raise RunInterrupted(result, stopped_by) from None
     labelled = result.ok + result.errors
     if spec.max_error_rate is not None and labelled and result.errors / labelled > spec.max_error_rate:
         result.exit_code = EXIT_ERROR_RATE
     return result
+
+
+STOP_COMMIT_S = 10.0
+"""How long a stopped run (Ctrl-C, SIGTERM) waits for its writers to commit what they hold."""
+
+
+def _stop_writers(writers: list) -> list[dict] | None:
+    """Commit what the shard writers hold, then end them, so a stopped run keeps every row
+    it labelled and can say exactly what it committed; None when they could not answer
+    (the caller then counts from the progress actor)."""
+    import ray
+
+    try:
+        results = ray.get([w.finish.remote() for w in writers], timeout=STOP_COMMIT_S)
+    except Exception:  # noqa: BLE001 - Ray itself was stopped, or a writer died
+        results = None
+    for writer in writers:
+        try:
+            ray.kill(writer)
+        except Exception:  # noqa: BLE001
+            pass
+    return None if results is None else [f for r in results for f in r["files"]]
 
 
 def _find_cause(exc: BaseException, cls: type) -> BaseException | None:

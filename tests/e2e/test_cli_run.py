@@ -1,15 +1,19 @@
 """`drn-label run` as a user runs it (a subprocess with its own embedded Ray): Ray's
 token-authentication notice stays hidden without -v, an autoscaling actor pool (--workers 1-2) labels
-everything, and the summary's images/s is the progress line's."""
+everything, and the summary's images/s is the progress line's and the record's; Ctrl-C and
+SIGTERM say what was committed and how to resume."""
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,4 +39,74 @@ def test_quiet_run_with_an_autoscaling_pool_and_one_rate(tmp_path):
     last_line = [line for line in proc.stderr.splitlines() if "img/s" in line][-1]
     assert last_line.startswith("[########################] 6/6 (100%)"), last_line
     bar_rate = re.search(r"([\d.]+) img/s", last_line).group(1)
-    assert f"({bar_rate} img/s)" in summary, (last_line, summary)
+    # One figure: images over labelling time, the bar's, the summary's and the record's.
+    import json
+
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_state" / "runs").glob("*.json")]
+    timings = record["timings"]
+    assert bar_rate == f"{timings['images_per_s']:.1f}"
+    assert abs(timings["images_per_s"] - 6 / timings["label_s"]) < 0.01, timings
+    assert (f"; 6 images in {timings['label_s']:.1f}s of labelling ({bar_rate} images/s) after "
+            f"{timings['startup_s']:.1f}s of start-up; output: ") in summary, (last_line, summary)
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_say_what_was_committed_and_how_to_resume(tmp_path):
+    """SIGINT (Ctrl-C) and then SIGTERM to a real `drn-label run` once it has committed:
+    each exits 130 / 143 (not click's "Aborted!", exit 1), prints how many rows it
+    committed, which is what OUTPUT holds of that run, and the command that resumes; the
+    run records say "interrupted"; nothing is there twice; the embedded Ray is gone."""
+    import json
+    import shlex
+    import signal
+    import time
+    import uuid
+    from collections import Counter
+
+    from pipeline.store.output import PROGRESS_FILE, RUNS_DIR
+    from tests.e2e.test_faults import cli_command, cli_env, marked, read_rows, wait_gone, write_images
+    from tests.e2e.test_streaming import kill_all, start
+
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    write_images(inputs, 240)
+    command = cli_command(inputs, output)
+    ray_tmp = tempfile.mkdtemp(prefix="drnc-", dir="/tmp")
+    runs: list[str] = []
+    try:
+        for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            mark, log = uuid.uuid4().hex, tmp_path / f"{sig.name}.log"
+            proc = start(command, cli_env(mark, ray_tmp), log)
+            try:
+                deadline = time.time() + 300
+                while proc.poll() is None and time.time() < deadline:
+                    try:
+                        p = json.loads((output / PROGRESS_FILE).read_text())
+                    except (OSError, ValueError):
+                        p = {}
+                    if p.get("run_id") not in runs and p.get("committed", 0) > 0:
+                        break
+                    time.sleep(0.1)
+                assert proc.poll() is None, f"the run ended before the signal:\n{log.read_text()[-2000:]}"
+                proc.send_signal(sig)
+                assert proc.wait(timeout=120) == code, log.read_text()[-3000:]
+            finally:
+                if proc.poll() is None:
+                    kill_all(proc, mark)
+            text = log.read_text()
+            assert not wait_gone(mark), f"{sig.name}: the run's Ray outlived it"
+            assert "Aborted!" not in text and "Traceback" not in text, text[-3000:]
+            (run_id,) = [p.stem for p in (output / RUNS_DIR).glob("*.json") if p.stem not in runs]
+            runs.append(run_id)
+            record = json.loads((output / RUNS_DIR / f"{run_id}.json").read_text())
+            assert record["state"] == "interrupted"
+            on_disk = Counter(read_rows(output).column("run_id").to_pylist())[run_id]
+            assert on_disk == record["counts"]["ok"] > 0
+            listed, left = record["counts"]["to_label"], record["counts"]["to_label"] - on_disk
+            assert (f"\ninterrupted: {on_disk} ok, 0 errors committed, {left} of the {listed} images "
+                    f"listed so far not; ") in text, text[-2000:]
+            assert ("rerun the same command to label the rest (nothing is labelled twice):\n  "
+                    f"{shlex.join(['drn-label', *command[3:]])}\n") in text, text[-2000:]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    ids = read_rows(output).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)), "an image committed twice"
