@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.errors import EXIT_ERROR_RATE, EXIT_OK, Interrupted, JobError, stop_exit_code
+from pipeline.job.precheck import check_inputs, nothing_to_do
 from pipeline.job.progress import Progress, ProgressReporter, format_duration
 from pipeline.job.stages import ModelSpec, RowIdentity
 from pipeline.spec import JobSpec
@@ -70,6 +71,10 @@ class RunResult:
         """One line: counts, then the one images/s figure (images labelled over labelling
         time), with start-up apart."""
         labelled = self.ok + self.errors
+        if self.state == "finished" and not (self.to_label or labelled):
+            return (f"finished: nothing to label, {self.ok} ok, {self.errors} errors, {self.skipped} "
+                    f"already labelled (of {self.inputs} inputs) in {format_duration(self.wall_s)}; "
+                    f"output: {self.output}")
         if self.state == "interrupted" and not (self.to_label or labelled):
             return f"interrupted while starting, before any image was labelled; output: {self.output}"
         if self.state == "interrupted":
@@ -272,6 +277,11 @@ def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
     run_id = new_run_id()
 
     check_output(output)
+    try:
+        plan = plan_inputs(spec.input)
+    except (ValueError, OSError) as exc:
+        raise JobError(str(exc)) from None
+    check_inputs(plan)  # an empty folder says so now, not after Ray has started
     foreign = foreign_files(output)
     if foreign:
         shown = ", ".join(f[len(resolve(output)[1]):].lstrip("/") for f in foreign[:3])
@@ -282,10 +292,14 @@ def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
     if meta.weights_sha256.startswith("init"):
         echo(f"warning: {spec.model} has no weights (random initialisation): labels will be "
              f"meaningless; pass --weights")
-    try:
-        plan = plan_inputs(spec.input)
-    except (ValueError, OSError) as exc:
-        raise JobError(str(exc)) from None
+    idle = nothing_to_do(spec, plan, output, meta)  # a rerun of a finished job: no Ray
+    if idle is not None:
+        echo(f"nothing to do: {spec.input} lists no images" if not idle.inputs else
+             f"nothing to do: the {idle.inputs} images {spec.input} lists already have rows of "
+             f"{meta.model} ({meta.weights_sha256[:12]}) in {output} (--retry-errors relabels "
+             f"error rows, --overwrite everything)")
+        return RunResult(run_id=run_id, output=output, state="finished", inputs=idle.inputs,
+                         skipped=idle.inputs, to_label=0, wall_s=time.time() - t_start)
     lease = acquire_lease(output, run_id)
     try:
         # The heartbeat runs from the moment the lease is held: the scan of existing rows

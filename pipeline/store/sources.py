@@ -204,11 +204,17 @@ def list_unit(plan: InputPlan, unit: str) -> pa.Table:
         listed = listed.set_column(1, "rel", pc.binary_join_element_wise(unit + "/", listed["rel"], ""))
     else:
         listed = _listing(fs, plan.path, recursive=False)
-    wanted = pc.match_substring_regex(listed["rel"], plan.pattern or _IMAGE_RE)
+    wanted = wanted_paths(plan, listed["rel"])
     if plan.kind == "shards":
         shards = listed.filter(wanted)["path"].to_pylist()
         return _list_shards(plan.input, fs, plan.scheme, shards, plan.path).sort_by("image_id")
     return _table(plan.scheme, listed.filter(wanted)).sort_by("image_id")
+
+
+def wanted_paths(plan: InputPlan, relative: pa.Array | pa.ChunkedArray):
+    """Which listed paths (relative to `plan.path`) are inputs: the glob's matches, else
+    the image files."""
+    return pc.match_substring_regex(relative, plan.pattern or _IMAGE_RE)
 
 
 def no_inputs_error(plan: InputPlan) -> InputError:

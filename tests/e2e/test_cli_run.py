@@ -95,6 +95,7 @@ def test_ctrl_c_and_sigterm_say_what_was_committed_and_how_to_resume(tmp_path):
             text = log.read_text()
             assert not wait_gone(mark), f"{sig.name}: the run's Ray outlived it"
             assert "Aborted!" not in text and "Traceback" not in text, text[-3000:]
+            assert list(Path(ray_tmp).glob("ray/session_*")), "the probe of the no-Ray test sees a Ray"
             (run_id,) = [p.stem for p in (output / RUNS_DIR).glob("*.json") if p.stem not in runs]
             runs.append(run_id)
             record = json.loads((output / RUNS_DIR / f"{run_id}.json").read_text())
@@ -110,3 +111,43 @@ def test_ctrl_c_and_sigterm_say_what_was_committed_and_how_to_resume(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     ids = read_rows(output).column("image_id").to_pylist()
     assert len(ids) == len(set(ids)), "an image committed twice"
+
+
+def test_nothing_to_do_answers_without_starting_ray(run, tmp_path):
+    """Rerunning a finished run's command, and running on a folder with no images, answer
+    from the files alone: the subprocess's own Ray temp dir (RAY_TMPDIR, where a Ray it
+    started would put its session) stays empty, and no process it started outlives it."""
+    import uuid
+
+    from tests.e2e.test_faults import cli_env, marked
+
+    ray_tmp = tempfile.mkdtemp(prefix="drnn-", dir="/tmp")
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.txt").write_text("no images here")
+    rerun = ["run", str(run.input), str(run.output), "--model", "drn_d_22", "--weights",
+             str(run.checkpoint), "--classes", "cityscapes", "--batch-size", "4",
+             "--rows-per-file", "5"]
+    try:
+        for args, code in ((rerun, 0), (["run", str(empty), str(tmp_path / "out")], 1)):
+            mark = uuid.uuid4().hex
+            proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args],
+                                  env=cli_env(mark, ray_tmp), capture_output=True, text=True,
+                                  timeout=300)
+            assert proc.returncode == code, proc.stderr
+            assert os.listdir(ray_tmp) == [], os.listdir(ray_tmp)
+            assert not marked(mark)
+            if code == 0:
+                n = len(run.table)
+                assert (f"nothing to do: the {n} images {run.input} lists already have rows of "
+                        f"drn_d_22 (") in proc.stderr, proc.stderr
+                assert proc.stdout.startswith(f"finished: nothing to label, 0 ok, 0 errors, {n} already "
+                                              f"labelled (of {n} inputs) in "), proc.stdout
+            else:
+                assert proc.stderr == (f"error: input {empty}: no images in this directory or its "
+                                       "subfolders (looked for .bmp, .jpeg, .jpg, .png, .tif, .tiff, "
+                                       ".webp in any letter case); point INPUT at the folder that "
+                                       "holds the images, or use a glob or a manifest\n")
+                assert not (tmp_path / "out" / "_state").exists()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
