@@ -419,13 +419,13 @@ def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, 
     state = _load_state(state_file, device_) if resume and state_file.is_file() else None
     if resume and state is None and out.exists():
         raise FileExistsError(f"{out} exists but has no training state ({state_file.name}) to resume "
-                              "from; pass resume=False to overwrite it, or choose another out")
+                              "from; give --restart (resume=False) to overwrite it, or another --out")
 
     if state is not None:
         label_set = drn.LabelSet.from_dict(state["label_set"])
         if state["arch"] != arch:
-            raise ValueError(f"{state_file}: resuming a {state['arch']} run, but arch={arch} was asked "
-                             "for; pass resume=False to start over")
+            raise ValueError(f"{state_file}: resuming a {state['arch']} run, but --model {arch} was asked "
+                             "for; give --restart (resume=False) to start over")
     else:
         label_set = resolve_label_set(data_dir, classes, all_pairs, log)
 
@@ -452,7 +452,7 @@ def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, 
             checkpoint = drn.load_checkpoint(out)
             if checkpoint.sha256 != state["checkpoint_sha256"]:
                 raise ValueError(f"{out} is not the checkpoint its finished training state records "
-                                 "(changed since?); pass resume=False to start over")
+                                 "(changed since?); give --restart (resume=False) to start over")
             weights = checkpoint.state_dict
         model.load_state_dict(weights)
     model.to(device_).train()
