@@ -200,16 +200,28 @@ SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID0000", "AWS_SECRET_ACCESS_KEY":
            "HF_TOKEN": "hf_s3cr3tvalue", "RAY_AUTH_TOKEN": "ray-s3cr3t-token"}
 
 
+def quiet_machine(tmp_path) -> dict:
+    """An environment with no credentials, endpoints or credential files of this machine
+    (the session's S3 and GCS test servers set some)."""
+    nowhere = str(tmp_path / "nowhere")
+    return {**{k: None for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
+                                  "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                                  "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_ENDPOINT_URL",
+                                  "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST", "HF_ENDPOINT",
+                                  "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH",
+                                  "GOOGLE_APPLICATION_CREDENTIALS", "RAY_ADDRESS", "RAY_AUTH_TOKEN")},
+            "AWS_SHARED_CREDENTIALS_FILE": nowhere, "AWS_CONFIG_FILE": nowhere, "HF_HOME": nowhere,
+            "CLOUDSDK_CONFIG": nowhere, "DRN_LABEL_CACHE": str(tmp_path / "cache")}
+
+
 def test_doctor_reports_each_part_and_never_a_secret(cli_runner, tmp_path):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     address = f"127.0.0.1:{listener.getsockname()[1]}"
     try:
-        res = cli_runner.invoke(cli, ["doctor"], env={**SECRETS, "RAY_ADDRESS": address,
-                                                      "DRN_LABEL_CACHE": str(tmp_path / "cache"),
-                                                      "GOOGLE_APPLICATION_CREDENTIALS": None,
-                                                      "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")},
+        res = cli_runner.invoke(cli, ["doctor"],
+                                env={**quiet_machine(tmp_path), **SECRETS, "RAY_ADDRESS": address},
                                 terminal_width=300)
     finally:
         listener.close()
@@ -238,13 +250,14 @@ def test_doctor_exits_1_naming_what_stops_a_run(cli_runner, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     res = cli_runner.invoke(cli, ["doctor", "--json"],
-                            env={"RAY_ADDRESS": f"ray://127.0.0.1:{port}",
+                            env={**quiet_machine(tmp_path), "RAY_ADDRESS": f"ray://127.0.0.1:{port}",
                                  "DRN_LABEL_CACHE": str(blocker / "cache")})
     assert res.exit_code == 1
     checks = {c["name"]: c for c in json.loads(res.output)["checks"]}
     assert checks["ray"]["status"] == "problem"
     assert f"127.0.0.1:{port} not reachable" in checks["ray"]["detail"]
     assert checks["ray"]["fix"].startswith("check the address and that the cluster is up")
+    assert checks["s3"]["status"] == checks["gcs"]["status"] == checks["hub"]["status"] == "note"
     assert checks["cache"]["status"] == "problem"
     assert checks["cache"]["fix"].startswith("set DRN_LABEL_CACHE to a folder this user can write")
 
