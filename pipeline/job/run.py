@@ -475,6 +475,8 @@ def _stop_writers(writers: list) -> list[dict] | None:
     """Commit what the shard writers hold, then end them, so a stopped run keeps every row
     it labelled and can say exactly what it committed; None when they could not answer
     (the caller then counts from the progress actor)."""
+    if not writers:  # stopped before they started (and perhaps before Ray did)
+        return None
     import ray
 
     try:
