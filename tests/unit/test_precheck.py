@@ -18,7 +18,7 @@ from pipeline.errors import JobError
 from pipeline.job.precheck import NothingToDo, check_inputs, nothing_to_do
 from pipeline.spec import JobSpec
 from pipeline.store.fs import write_table_atomic
-from pipeline.store.output import SCHEMA, OutputMetadata, data_file_name, schema_with_metadata
+from pipeline.store.output import OutputMetadata, data_file_name, schema_with_metadata
 from pipeline.store.pending import listed_ids
 from pipeline.store.sources import list_inputs, plan_inputs
 
