@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,8 +81,10 @@ def timed_run(manifest: Path, output: Path) -> None:
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     wall, rss_kb = out.stderr.strip().splitlines()[-1].split()
     said = next((line for line in out.stderr.splitlines() if line.startswith("nothing to do")), "-")
+    started_ray = bool(os.listdir(ray_tmp))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     print(f"  run {manifest.name}: exit {out.returncode}, {float(wall):.2f} s wall, peak RSS "
-          f"{int(rss_kb) / 1024:.0f} MiB, Ray session started: {bool(os.listdir(ray_tmp))}")
+          f"{int(rss_kb) / 1024:.0f} MiB, Ray session started: {started_ray}")
     print(f"    {said[:110]}")
 
 
