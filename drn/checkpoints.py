@@ -54,6 +54,7 @@ __all__ = [
     "ReleasedWeights",
     "RELEASED_WEIGHTS",
     "default_cache_dir",
+    "cache_path",
     "load_checkpoint",
     "save_checkpoint",
     "load_into",
@@ -190,20 +191,26 @@ def _show_progress() -> bool:
         return False
 
 
+def cache_path(url: str, cache_dir: Path | None = None) -> Path:
+    """Where a download of ``url`` is kept in the cache (present or not): a hash-named
+    file is its own identity; other names get a folder per URL."""
+    file_name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    if not file_name:
+        raise CheckpointError(f"{url}: the URL names no file; point it at a .pth file")
+    folder = Path(cache_dir or default_cache_dir()) / "checkpoints"
+    if _HASH_IN_NAME.search(file_name) is None:
+        folder = folder / hashlib.sha256(url.encode()).hexdigest()[:16]
+    return folder / file_name
+
+
 def _download(url: str, cache_dir: Path) -> Path:
     """Fetch ``url`` into the cache once (``torch.hub.download_url_to_file``, with a
     progress bar when stderr is a terminal); concurrent workers are safe (each downloads
     into a private temporary file and renames it into place)."""
-    file_name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
-    if not file_name:
-        raise CheckpointError(f"{url}: the URL names no file; point it at a .pth file")
+    dest = cache_path(url, cache_dir)
+    folder, file_name = dest.parent, dest.name
     match = _HASH_IN_NAME.search(file_name)
     expected = match.group(1) if match else None
-    # A hash-named file is its own identity; other names get a folder per URL.
-    folder = cache_dir / "checkpoints"
-    if expected is None:
-        folder = folder / hashlib.sha256(url.encode()).hexdigest()[:16]
-    dest = folder / file_name
     if dest.is_file() and (expected is None or sha256_file(dest).startswith(expected)):
         return dest
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,14 @@ code  meaning
 2     a bad option or input the user gave (click's usage errors, `UsageError`)
 3     the run finished but more images failed than ``--max-error-rate`` allows
 4     another run holds OUTPUT's lease
+130   Ctrl-C stopped it (128 + SIGINT); what it committed stays
+143   SIGTERM stopped it (128 + SIGTERM; `drn-label stop`, Kubernetes); the same
 ====  =========================================================================
 """
 from __future__ import annotations
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_RATE, EXIT_LEASE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
 class DrnLabelError(Exception):
@@ -55,3 +58,20 @@ class UnreadableData(DrnLabelError, OSError):
 
 class NoRows(DrnLabelError, LookupError):
     """OUTPUT holds no rows of what was asked for (no run yet, or another model's rows)."""
+
+
+class Interrupted(DrnLabelError):
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) stopped the command; the message says what
+    was kept and how to go on."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+def stop_exit_code(exc: BaseException) -> int | None:
+    """130 for Ctrl-C (KeyboardInterrupt), 143 for SIGTERM (the SystemExit that the CLI's
+    handler raises, or Ray's driver handler: ``sys.exit(15)``); None for anything else."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, SystemExit) and exc.code in (EXIT_TERMINATED, EXIT_TERMINATED - 128):
+        return EXIT_TERMINATED
+    return None

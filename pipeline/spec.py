@@ -3,11 +3,14 @@
 A TOML file in jobs/ holds the same keys as `drn-label run`'s options (dashes or
 underscores), plus an optional ``[schedule]`` table. Flags given on the command line
 override the file. A bad key or value is a `SpecError` naming the key and the file.
+Relative paths in the file (input, output, weights, classes) are relative to the file,
+so a spec means the same from any working directory.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -176,8 +179,9 @@ class JobSpec:
     input: str | None = key(help="", cli=False)
     output: str | None = key(help="", cli=False)
     model: str = key("drn_d_22", "Architecture, see `drn-label models`.")
-    weights: str | None = key(None, "Checkpoint: path, file:// or http(s):// URL (authors', "
-                                    "torchvision or own format).")
+    weights: str | None = key(None, "Checkpoint: a path, an http(s)://, s3://, gs:// or hf:// URL, "
+                                    "or a released name such as drn_d_22:cityscapes (`drn-label "
+                                    "models` lists them).")
     classes: str | None = key(None, "Label set: a preset (cityscapes) or a classes file.")
     num_classes: int | None = key(None, "Number of classes when neither weights nor --classes tell it.",
                                   min=1)
@@ -286,10 +290,12 @@ class JobSpec:
         def bad(key: str, msg: str) -> SpecError:
             return SpecError(f"{key}{where}: {msg}")
 
-        if not self.input:
-            raise bad("input", "missing: give INPUT on the command line or `input = ...`")
-        if not self.output:
-            raise bad("output", "missing: give OUTPUT on the command line or `output = ...`")
+        # INPUT and OUTPUT are the command's arguments or the spec's keys: say both.
+        for name in ("input", "output"):
+            if not getattr(self, name):
+                spec_file = f"in {self.source}" if self.source else "of a --job spec"
+                raise SpecError(f"{name.upper()} is missing: give it on the command line "
+                                f"(INPUT OUTPUT) or as `{name} = \"...\"` {spec_file}")
         for prefix, obj in (("", self), ("schedule.", self.schedule)):
             for f in fields(obj):
                 value = getattr(obj, f.name)
@@ -302,7 +308,9 @@ class JobSpec:
                 if problem:
                     raise bad(prefix + f.name, problem)
         if self.overwrite and self.retry_errors:
-            raise bad("overwrite", "cannot be combined with retry_errors")
+            keys = f" (overwrite, retry_errors in {self.source})" if self.source else ""
+            raise SpecError(f"--overwrite and --retry-errors{keys} cannot be combined: "
+                            "--overwrite relabels every image, error rows included")
         return self
 
     def to_toml_dict(self) -> dict[str, Any]:
@@ -404,8 +412,29 @@ def _check(table: Mapping[str, Any], types: dict[str, tuple[type, ...]], prefix:
     return out
 
 
+PATH_KEYS = ("input", "output")
+"""Keys that are always a path or a URI."""
+NAMED_PATH_KEYS = ("weights", "classes")
+"""Keys that are a path or a name (a released checkpoint, a label-set preset): a bare name
+with no folder in it stays a name unless a file of that name sits beside the spec."""
+
+
+def relative_to_spec(folder: Path, key: str, value: str | None) -> str | None:
+    """`value` of path key `key` as written in a spec in `folder`: a relative local path
+    joined onto the spec's folder; URIs, absolute paths and names unchanged."""
+    if not value or "://" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if key in NAMED_PATH_KEYS and "/" not in value and not (folder / value).exists():
+        return value
+    return os.path.normpath(folder / path)
+
+
 def load_spec(path: str | Path) -> JobSpec:
-    """Read a TOML job spec. Relative input/output/weights resolve against the CWD."""
+    """Read a TOML job spec. Relative paths in it (input, output, weights, classes) are
+    relative to the spec file's folder, not to the current one."""
     path = Path(path)
     source = str(path)
     try:
@@ -420,6 +449,10 @@ def load_spec(path: str | Path) -> JobSpec:
     if not isinstance(schedule_table, dict):
         raise SpecError(f"{source}: key 'schedule' must be a table ([schedule])")
     values = _check(data, toml_types(JobSpec), "", source)
+    folder = path.absolute().parent
+    for key in (*PATH_KEYS, *NAMED_PATH_KEYS):
+        if key in values:
+            values[key] = relative_to_spec(folder, key, values[key])
     sched = _check(schedule_table, toml_types(ScheduleSpec), "schedule.", source)
     spec = JobSpec(**values, schedule=ScheduleSpec(**sched), source=source)
     # Choices are checked as the file is read (bounds wait for `validate`, after overrides).

@@ -1,9 +1,12 @@
-"""One small real OUTPUT for the report and export tests, made once per test session.
+"""Small real OUTPUTs for the report, export and docs tests, made once per test session.
 
 `small_run(request.config, tmp_path_factory)` labels 12 images (10 good in nested folders,
 2 bad files) with `drn-label run` on the session's local Ray and an authors'-layout
-checkpoint, and caches the result in the pytest config's stash, so that every module that
-asks gets the same run.
+checkpoint (Cityscapes classes), and caches the result in the pytest config's stash, so
+that every module that asks gets the same run. `demo_like_run` labels what `drn-label
+demo` labels, the same way: synthetic scenes, a drn_d_22 checkpoint of the project's
+format that carries the synthetic label set (untrained: the docs need its layout and
+classes, not good masks), `drn-label run --job DIR/job.toml` as the demo writes it.
 """
 from __future__ import annotations
 
@@ -70,3 +73,31 @@ def _label(root: Path) -> SmallRun:
     assert result.exit_code == 0, result.output
     table = pq.read_table(data_files(str(out)), schema=SCHEMA).sort_by("image_id")
     return SmallRun(images, out, ckpt, table, tuple(i for i, _, _ in GOOD), tuple(BAD))
+
+
+_DEMO_KEY = pytest.StashKey[Path]()
+
+
+def demo_like_run(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUTPUT of a demo-like run (see the module's docstring), made once per session."""
+    if _DEMO_KEY not in config.stash:
+        config.stash[_DEMO_KEY] = _label_like_the_demo(tmp_path_factory.mktemp("demo_like"))
+    return config.stash[_DEMO_KEY]
+
+
+def _label_like_the_demo(root: Path) -> Path:
+    from click.testing import CliRunner
+
+    import drn
+    from pipeline.cli import cli
+    from pipeline.tools.demo import DEMO_ARCH, write_demo_spec
+    from pipeline.training.synth import make_synthetic_set
+    from tests.modelkit import content_model
+
+    make_synthetic_set(root, count=6, size=48, seed=1)
+    classes = drn.load_label_set(root / "classes.json")
+    checkpoint = drn.save_checkpoint(content_model(DEMO_ARCH, classes=classes), root / "demo.pth")
+    spec_file = write_demo_spec(root, Path(checkpoint))
+    result = CliRunner().invoke(cli, ["run", "--job", str(spec_file)])
+    assert result.exit_code == 0, result.output
+    return root / "out"

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import click
 
-from pipeline.cli.options import run_options, spec_from_cli
+from pipeline.cli.options import example, run_options, spec_from_cli
 from pipeline.cluster.jobs import (POLL_S, TERMINAL, ClusterError, cluster_errors, connect,
                                    exit_code_for, failure_reason, follow_logs, job_state, network_reason,
                                    submit_spec, wait_for)
@@ -50,7 +50,9 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
-@click.command("submit")
+@click.command("submit", epilog=example(
+    "drn-label submit --job jobs/nightly-s3.toml --wait",
+    "drn-label submit s3://my-images/ s3://my-labels/ --address http://head:8265 --weights drn_d_22:cityscapes"))
 @click.argument("input_", metavar="INPUT", required=False)
 @click.argument("output", required=False)
 @run_options
@@ -94,7 +96,7 @@ def submit(input_, output, job, wait, follow, env_pairs, **options) -> None:
 # -- following ---------------------------------------------------------------------------------
 address_option = click.option(
     "--address", default=None, envvar="RAY_ADDRESS",
-    help="Ray dashboard, http://HOST:8265 [env: RAY_ADDRESS].")
+    help="Ray dashboard, http://HOST:8265.")
 
 
 def _when(ms: int | None) -> str:
@@ -167,7 +169,7 @@ def print_status(job_id: str, address: str | None) -> None:
         click.echo(line)
 
 
-@click.command()
+@click.command(epilog=example("drn-label logs raysubmit_4b1Zq7 --follow"))
 @click.argument("job_id", metavar="ID")
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
 @address_option
@@ -185,7 +187,7 @@ def logs(job_id: str, follow: bool, address: str | None) -> None:
     sys.stdout.write(text)
 
 
-@click.command()
+@click.command(epilog=example("drn-label stop raysubmit_4b1Zq7"))
 @click.argument("job_id", metavar="ID")
 @click.option("--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds to wait for the job to reach STOPPED.")
@@ -218,7 +220,7 @@ def stop(job_id: str, timeout: float, no_wait: bool, address: str | None) -> Non
         time.sleep(POLL_S / 2)
 
 
-@click.command("list")
+@click.command("list", epilog=example("drn-label list --address http://head:8265"))
 @click.option("--all", "show_all", is_flag=True, help="Also list jobs that drn-label did not submit.")
 @address_option
 def list_jobs(show_all: bool, address: str | None) -> None:

@@ -11,6 +11,21 @@ import click
 from pipeline import spec as specmod
 
 
+def example(*lines: str) -> str:
+    """A command's epilog: the example its --help ends with (lines kept as written)."""
+    return "Example:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def check_checkpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A checkpoint option names a file that exists, a URL or a released name (exit 2 otherwise)."""
+    from pipeline.store.weights import source_problem
+
+    problem = source_problem(value) if value else None
+    if problem:
+        raise click.BadParameter(f"{value}: {problem}", ctx=ctx, param=param)
+    return value
+
+
 def check_model(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Validate an architecture name against the registry, only when given (torch costs seconds)."""
     if value is None:

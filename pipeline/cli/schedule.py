@@ -7,12 +7,14 @@ from pathlib import Path
 import click
 
 from pipeline import spec as specmod
-from pipeline.cli.options import parse_with
+from pipeline.cli.options import example, parse_with
 from pipeline.cluster.manifests import (DEFAULT_DEADLINE_S, DEFAULT_TTL_S, KINDS, RenderOptions,
                                         local_path_warning, render)
 
 
-@click.command()
+@click.command(epilog=example(
+    'drn-label schedule --job jobs/nightly-s3.toml --cron "0 2 * * *" > nightly.yaml',
+    'drn-label schedule --job jobs/nightly-s3.toml | kubectl apply -f -'))
 @click.option("--job", "job", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML job spec; its [schedule] table gives the defaults of the flags below.")
@@ -40,11 +42,7 @@ from pipeline.cluster.manifests import (DEFAULT_DEADLINE_S, DEFAULT_TTL_S, KINDS
               default=None, help="Write the YAML here [default: stdout].")
 def schedule(job: Path, cron, time_zone, image, kind, namespace, name, address, gpus_per_node,
              node_cpus, deadline_s, ttl_s, out: Path | None) -> None:
-    """Render the manifests that run a job spec on Kubernetes (or a `ray up` config).
-
-    \b
-      drn-label schedule --job jobs/nightly-s3.toml --cron "0 2 * * *" | kubectl apply -f -
-    """
+    """Render the manifests that run a job spec on Kubernetes (or a `ray up` config)."""
     spec = specmod.load_spec(job)
     overrides = {"schedule_cron": cron, "schedule_time_zone": time_zone, "schedule_image": image,
                  "schedule_namespace": namespace, "schedule_name": name, "schedule_address": address}

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.options import identity_options
+from pipeline.cli.options import example, identity_options
 
 
-@click.command("report")
+@click.command("report", epilog=example("drn-label report labels/ --html report.html"))
 @click.argument("output")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The HTML file to write (self-contained: images and charts inlined).")
@@ -28,7 +28,9 @@ def report(output: str, html_path: Path, limit: int, model: str | None, weights_
                f"{result.gallery} images in the gallery: {result.path}")
 
 
-@click.command("export")
+@click.command("export", epilog=example(
+    "drn-label export labels/ --format coco --out labels.coco.json",
+    "drn-label export labels/ --format label-studio --ids picked.txt --out tasks.json"))
 @click.argument("output")
 @click.option("--format", "fmt", type=click.Choice(("png", "coco", "yolo", "cvat", "label-studio")),
               required=True,
@@ -66,7 +68,7 @@ def export(output: str, fmt: str, out: Path, colour: bool, polygons: bool, model
         click.echo(f"labelling config: {engine.config_path(out)}")
 
 
-@click.command()
+@click.command(epilog=example("drn-label bench --images 64 --size 256 --skip-naive"))
 @click.option("--images", "count", type=click.IntRange(min=8), default=300)
 @click.option("--size", type=click.IntRange(min=16), default=512)
 @click.option("--model", "arch", default="drn_d_22")
@@ -93,7 +95,7 @@ def bench(count, size, arch, num_classes, batch_size, workdir, device, skip_plai
               memory_sizes=memory_sizes, run_args=run_args, stand_in=stand_in, echo=click.echo)
 
 
-@click.command()
+@click.command(epilog=example("drn-label demo", "drn-label demo --dir /tmp/demo --images 8"))
 @click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
               help="Where samples, checkpoint and output go.")
 @click.option("--images", "count", type=click.IntRange(min=1), default=24, help="Sample images to label.")
@@ -104,7 +106,8 @@ def demo(root: Path, count: int) -> None:
     run_demo(root, count, echo=click.echo, echo_err=lambda m: click.echo(m, err=True))
 
 
-@click.command("push")
+@click.command("push", epilog=example(
+    "LABEL_STUDIO_API_KEY=... drn-label push labels/ --url http://localhost:8080 --project 1"))
 @click.argument("output")
 @click.option("--url", required=True, help="Label Studio's address, e.g. http://localhost:8080.")
 @click.option("--project", type=click.IntRange(min=1), required=True, help="The project's id.")
@@ -130,7 +133,8 @@ def push(output: str, url: str, project: int, token: str, model: str | None,
     click.echo(result.summary())
 
 
-@click.command("select")
+@click.command("select", epilog=example(
+    "drn-label select labels/ --strategy least-confident --limit 50 --out picked.txt"))
 @click.argument("output")
 @click.option("--strategy", type=click.Choice(("least-confident", "entropy", "margin", "random",
                                                 "class-balanced")),
@@ -150,7 +154,7 @@ def select(output: str, strategy: str, limit: int, out: Path, seed: int, model: 
     click.echo(result.summary())
 
 
-@click.command("compare")
+@click.command("compare", epilog=example("drn-label compare labels/ --a ckpt.pth --b round1.pth"))
 @click.argument("output")
 @click.option("--a", "a", required=True, help="Model identity A: a checkpoint file, weights sha256 (or a unique prefix), "
                                                "a model name, or MODEL@SHA.")

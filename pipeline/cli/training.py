@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from pipeline.cli.options import check_checkpoint, example
 
-@click.command()
+
+@click.command(epilog=example("drn-label synth data/train --count 300 --size 96 --seed 0"))
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--count", type=click.IntRange(min=1), required=True, help="Images to write.")
 @click.option("--size", type=click.IntRange(min=16), default=128, show_default=True, help="Side in pixels.")
@@ -26,7 +28,8 @@ def synth(directory: Path, count: int, size: int, seed: int, num_classes: int) -
                f"to {directory}")
 
 
-@click.command()
+@click.command(epilog=example("drn-label train data/train --out ckpt.pth",
+                               "drn-label train round1/ --init ckpt.pth --out round1.pth"))
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "arch", default="drn_d_22", show_default=True, help="Architecture.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -35,9 +38,10 @@ def synth(directory: Path, count: int, size: int, seed: int, num_classes: int) -
               help="At most this many epochs (validation usually stops the run earlier).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--size", type=click.IntRange(min=8), default=64, show_default=True, help="Crop size.")
-@click.option("--init", default=None,
+@click.option("--init", default=None, callback=check_checkpoint,
               help="Start from a checkpoint: an earlier round's `train` output (fine-tuning, with a "
-                   "lower default --lr), or the authors' ImageNet or DRNSeg checkpoints.")
+                   "lower default --lr), or the authors' ImageNet or DRNSeg checkpoints (released "
+                   "names such as drn_d_22:imagenet: `drn-label models`).")
 @click.option("--classes", default=None, help="Preset or classes file when DATA has no classes.json.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Learning rate [default: 0.05 x batch/8 from scratch, half of it with a "
@@ -90,7 +94,7 @@ def train(data, arch, out, epochs, batch_size, size, init, classes, lr, scale_ra
                f"{result.seconds:.0f}s this call, loss {result.loss if result.loss is not None else float('nan'):.4f}")
 
 
-@click.command(name="eval")
+@click.command(name="eval", epilog=example("drn-label eval val-out --ground-truth data/val"))
 @click.argument("output")
 @click.option("--ground-truth", "ground_truth", type=click.Path(exists=True, file_okay=False, path_type=Path),
               required=True, help="Folder with masks/<id>.png (class index per pixel, 255 = ignore).")
@@ -123,7 +127,8 @@ def eval_command(output, ground_truth, json_file, model, weights_sha256) -> None
         click.echo(f"wrote {json_file}")
 
 
-@click.command(name="import")
+@click.command(name="import", epilog=example(
+    "drn-label import export.json --out round1 --images photos/ --classes labels/"))
 @click.argument("export", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The training folder to write (images/, masks/, classes.json); may already "

@@ -3,13 +3,19 @@
 Workers report labelled and committed rows to an actor whose handle they are given; a driver thread polls it
 every few seconds, writes ``OUTPUT/_state/progress.json`` and prints a live line on a terminal
 (plain periodic lines otherwise). ``drn-label status OUTPUT`` prints the file.
+
+One images/s figure: images labelled over the labelling time (from the moment the run
+starts labelling, start-up excluded, to now or to the end), so the live line, the summary
+and the run record agree. The ETA comes from `EtaEstimator`.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, TextIO
@@ -18,6 +24,16 @@ from typing import Callable, TextIO
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def format_duration(seconds: float) -> str:
+    """12.3s, 4m05s, 2h07m: how long, as a person reads it."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(round(seconds))
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 @dataclass
@@ -34,13 +50,13 @@ class Progress:
     committed_ok: int = 0
     committed_errors: int = 0
     committed_files: int = 0
-    images_per_s: float = 0.0
+    images_per_s: float = 0.0  # labelled / elapsed_s
     # steady state: images after the first batch / time from the first to the last batch
     steady_images_per_s: float | None = None
     eta_s: float | None = None
     started_at: str = field(default_factory=utc_now)
     updated_at: str = field(default_factory=utc_now)
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # labelling time so far (start-up excluded)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -93,6 +109,41 @@ def start_counter_actor():
     return actor_cls.options(scheduling_strategy=driver_node()).remote()
 
 
+class EtaEstimator:
+    """Seconds left, from completed work only, so one slow batch moves it little.
+
+    When the labelled count grows (an event), the interval since the previous event gives
+    a rate; the estimate's rate is the median of the last `window` such rates (one slow
+    batch is an outlier it ignores) but never above the throughput observed over the whole
+    labelling time up to that event (periodic slow batches, or a slowdown, are evidence it
+    keeps). Between events the estimate counts down with the clock instead of growing, but
+    never below the time the images after those in flight take at that rate.
+    """
+
+    def __init__(self, t0: float, window: int = 20) -> None:
+        self.t0 = self.t_event = t0
+        self.labelled = 0  # at the last event
+        self.in_flight = 0  # images of the last event: about what one poll sees finish
+        self.rate: float | None = None
+        self.rates: deque[float] = deque(maxlen=window)
+
+    def observe(self, t: float, labelled: int) -> None:
+        if labelled <= self.labelled:
+            return
+        added, span = labelled - self.labelled, max(t - self.t_event, 1e-3)
+        self.rates.append(added / span)
+        overall = labelled / max(t - self.t0, 1e-3)
+        self.rate = min(statistics.median(self.rates), overall)
+        self.labelled, self.t_event, self.in_flight = labelled, t, added
+
+    def eta(self, t: float, total: int) -> float | None:
+        if not self.rate:
+            return None
+        left = max(total - self.labelled, 0)
+        countdown = left / self.rate - max(t - self.t_event, 0.0)
+        return max(countdown, max(left - self.in_flight, 0) / self.rate)
+
+
 def format_line(p: Progress) -> str:
     if p.state == "running" and not p.total and not p.skipped:
         return f"starting: listing the inputs, loading the model ({p.elapsed_s:.0f}s)"
@@ -118,7 +169,8 @@ class ProgressReporter:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval, self.print_interval = interval, print_interval
         self.heartbeat = heartbeat
-        self._t0 = time.time()
+        self._t0 = time.time()  # labelling starts when the reporter does
+        self._eta = EtaEstimator(self._t0)
         self._last_print = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="drn-label-progress", daemon=True)
@@ -128,8 +180,11 @@ class ProgressReporter:
         self._thread.start()
         return self
 
-    def update(self) -> None:
+    def update(self, label_s: float | None = None) -> None:
+        """Poll the counts; `label_s` (the run's own measure, at its end) fixes the
+        labelling time the rate is over."""
         p = self.progress
+        now = time.time()
         if self.poll is not None:
             try:
                 snap = self.poll()
@@ -145,16 +200,15 @@ class ProgressReporter:
                 p.labelled = min(p.labelled_ok + p.labelled_errors, p.total) if p.total else 0
                 p.committed = p.committed_ok + p.committed_errors
                 p.committed_files = snap.get("committed_files", 0)
-                if snap["first_t"] and p.labelled:
-                    # rate since the first image came out of the model (start-up excluded)
-                    span = max(time.time() - snap["first_t"], 1e-3)
-                    p.images_per_s = round(p.labelled / span, 3)
                 if snap["first_t"] and snap["last_t"] and snap["last_t"] > snap["first_t"]:
                     p.steady_images_per_s = round(
                         (p.labelled - snap["first_n"]) / (snap["last_t"] - snap["first_t"]), 3)
-        p.elapsed_s = round(time.time() - self._t0, 2)
-        if p.images_per_s > 0:
-            p.eta_s = round(max(p.total - p.labelled, 0) / p.images_per_s, 1)
+        elapsed = label_s if label_s is not None else now - self._t0
+        p.elapsed_s = round(elapsed, 2)
+        p.images_per_s = round(p.labelled / elapsed, 3) if elapsed > 0 else 0.0
+        self._eta.observe(now, p.labelled)
+        eta = self._eta.eta(now, p.total)
+        p.eta_s = round(eta, 1) if eta is not None else None
         p.updated_at = utc_now()
 
     def _emit(self, final: bool = False) -> None:
@@ -178,11 +232,13 @@ class ProgressReporter:
                 pass
             self._emit()
 
-    def finish(self, state: str) -> Progress:
+    def finish(self, state: str, label_s: float | None = None) -> Progress:
+        """Stop the thread, take the last counts (over `label_s` of labelling, when the
+        run measured it), save and print them."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        self.update()
+        self.update(label_s)
         self.progress.state = state
         self.progress.eta_s = 0.0 if state == "finished" else self.progress.eta_s
         self.save(self.progress)

@@ -22,9 +22,10 @@ from typing import Callable, TextIO
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.errors import EXIT_ERROR_RATE, EXIT_OK, JobError
-from pipeline.job.progress import Progress, ProgressReporter
+from pipeline.errors import EXIT_ERROR_RATE, EXIT_OK, Interrupted, JobError, stop_exit_code
 from pipeline.job.model import describe_model
+from pipeline.job.precheck import check_inputs, nothing_to_do
+from pipeline.job.progress import Progress, ProgressReporter, format_duration
 from pipeline.job.stages import RowIdentity
 from pipeline.spec import JobSpec
 from pipeline.store.fs import resolve, write_bytes_atomic
@@ -67,9 +68,35 @@ class RunResult:
     exit_code: int = EXIT_OK
 
     def summary(self) -> str:
-        return (f"{self.state}: {self.ok} ok, {self.errors} errors, {self.skipped} already labelled "
-                f"(of {self.inputs} inputs) in {self.wall_s:.1f}s "
-                f"({self.images_per_s:.1f} img/s); output: {self.output}")
+        """One line: counts, then the one images/s figure (images labelled over labelling
+        time), with start-up apart."""
+        labelled = self.ok + self.errors
+        if self.state == "finished" and not (self.to_label or labelled):
+            return (f"finished: nothing to label, {self.ok} ok, {self.errors} errors, {self.skipped} "
+                    f"already labelled (of {self.inputs} inputs) in {format_duration(self.wall_s)}; "
+                    f"output: {self.output}")
+        if self.state == "interrupted" and not (self.to_label or labelled):
+            return f"interrupted while starting, before any image was labelled; output: {self.output}"
+        if self.state == "interrupted":
+            counts = (f"interrupted: {self.ok} ok, {self.errors} errors committed, "
+                      f"{max(self.to_label - labelled, 0)} of the {self.to_label} images listed "
+                      f"so far not; {self.skipped} were already labelled")
+        else:
+            counts = (f"{self.state}: {self.ok} ok, {self.errors} errors, {self.skipped} already "
+                      f"labelled (of {self.inputs} inputs)")
+        return (f"{counts}; {labelled} images in {format_duration(self.label_s)} of labelling "
+                f"({self.images_per_s:.1f} images/s) after {format_duration(self.startup_s)} of "
+                f"start-up; output: {self.output}")
+
+
+class RunInterrupted(Interrupted):
+    """Ctrl-C or SIGTERM stopped a run; `result` holds what it committed (its rows stay,
+    and rerunning the same command labels the rest)."""
+
+    def __init__(self, result: RunResult, stopped_by: BaseException) -> None:
+        super().__init__(f"{result.summary()}; rerun the same command to label the rest")
+        self.result = result
+        self.exit_code = stop_exit_code(stopped_by) or self.exit_code
 
 
 def new_run_id() -> str:
@@ -114,6 +141,14 @@ def ensure_ray(address: str | None) -> bool:
     # its start-up notices (token authentication) on every run.
     level = logging.getLevelName(os.environ.get("DRN_LABEL_RAY_LOG_LEVEL", "WARNING").upper())
     level = level if isinstance(level, int) else logging.WARNING
+    # ray.init replaces SIGTERM's handler (sys.exit(15), under a C++ one that aborts the
+    # process if it is not gone within seconds); a caller's own (the CLI's: stop like
+    # Ctrl-C, commit what the writers hold, exit 143) is put back afterwards.
+    import signal
+    import threading
+
+    own_sigterm = (signal.getsignal(signal.SIGTERM)
+                   if threading.current_thread() is threading.main_thread() else None)
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False,
                  logging_level=level)
@@ -124,6 +159,8 @@ def ensure_ray(address: str | None) -> bool:
         os.environ.setdefault("OMP_WAIT_POLICY", env_vars["OMP_WAIT_POLICY"])
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  logging_level=level)
+    if callable(own_sigterm):
+        signal.signal(signal.SIGTERM, own_sigterm)
     return True
 
 
@@ -239,15 +276,24 @@ def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
     run_id = new_run_id()
 
     check_output(spec.output)
+    try:
+        plan = plan_inputs(spec.input)
+    except (ValueError, OSError) as exc:
+        raise JobError(str(exc)) from None
+    check_inputs(plan)  # an empty folder says so now, not after Ray has started
     _warn_of_foreign_files(spec.output, echo)
     meta = describe_model(spec)
     if meta.weights_sha256.startswith("init"):
         echo(f"warning: {spec.model} has no weights (random initialisation): labels will be "
              f"meaningless; pass --weights")
-    try:
-        plan = plan_inputs(spec.input)
-    except (ValueError, OSError) as exc:
-        raise JobError(str(exc)) from None
+    idle = nothing_to_do(spec, plan, spec.output, meta)  # a rerun of a finished job: no Ray
+    if idle is not None:
+        echo(f"nothing to do: {spec.input} lists no images" if not idle.inputs else
+             f"nothing to do: the {idle.inputs} images {spec.input} lists already have rows of "
+             f"{meta.model} ({meta.weights_sha256[:12]}) in {spec.output} (--retry-errors "
+             f"relabels error rows, --overwrite everything)")
+        return RunResult(run_id=run_id, output=spec.output, state="finished", inputs=idle.inputs,
+                         skipped=idle.inputs, to_label=0, wall_s=time.time() - t_start)
     lease = acquire_lease(spec.output, run_id)
     try:
         # The heartbeat runs from the moment the lease is held: the scan of existing rows
@@ -313,20 +359,25 @@ class LeasedRun:
         self.writers: list = []  # the shard writer actors
         self.schema: pa.Schema | None = None
         self.feed: Feed | None = None
+        self.t_label = time.time()  # set again when labelling starts
 
     def run(self) -> RunResult:
-        state = "failed"
+        state, stopped_by = "failed", None
         try:
             self.prepare_output()
             self.start_workers()
             self.label()
             self.reconcile(self.collect())
             state = "finished"
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or `drn-label stop` (SIGTERM -> SystemExit)
-            state = "interrupted"
-            raise
+        except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM (a SystemExit)
+            if stop_exit_code(exc) is None:
+                state = "interrupted"
+                raise
+            state, stopped_by = "interrupted", exc
         finally:
-            self.close(state)
+            self.close(state, stopped=stopped_by is not None)
+        if stopped_by is not None:
+            raise RunInterrupted(self.result, stopped_by) from None
         result, spec = self.result, self.spec
         labelled = result.ok + result.errors
         if spec.max_error_rate is not None and labelled and result.errors / labelled > spec.max_error_rate:
@@ -380,6 +431,7 @@ class LeasedRun:
             skip_status=("ok",) if self.spec.retry_errors else ("ok", "error"),
             counter=self.counter)
         self.result.startup_s = time.time() - ctx.t_start
+        self.t_label = time.time()
         counter = self.counter
         self.reporter = ProgressReporter(
             self.progress, lambda: ray.get(counter.snapshot.remote(), timeout=10),
@@ -390,7 +442,6 @@ class LeasedRun:
         from pipeline.job.sink import LabelDatasink
 
         ctx = self.ctx
-        t_label = time.time()
         sink = LabelDatasink(self.writers, self.schema)
         try:
             build_dataset(self.spec, ctx.plan, ctx.meta, ctx.run_id, self.writers,
@@ -402,7 +453,7 @@ class LeasedRun:
                     raise (_lost(ctx, str(cause).split(":")[0]) if cls is LeaseLost
                            else JobError(str(cause))) from None
             raise
-        self.result.label_s = time.time() - t_label
+        self.result.label_s = time.time() - self.t_label
 
     def collect(self) -> list:
         """The writers commit what they still hold; count what was committed. Returns the
@@ -442,18 +493,28 @@ class LeasedRun:
                 ctx.echo(f"removed {replaced} rows that newer rows of {ctx.meta.model} replace")
         clean_tmp(ctx.output)
 
-    def close(self, state: str) -> None:
-        """Final progress, the Ray actors stopped, the run record (unless the lease was lost)."""
+    def close(self, state: str, *, stopped: bool = False) -> None:
+        """Final progress, the Ray actors stopped, the run record (unless the lease was lost).
+        A run stopped by Ctrl-C or SIGTERM first has its writers commit what they hold."""
         import ray
 
         result = self.result
+        stopped_files = _stop_writers(self.writers) if stopped else None
         if self.reporter is not None:
-            final = self.reporter.finish(state)
+            if state != "finished":
+                result.label_s = time.time() - self.t_label
+            final = self.reporter.finish(state, label_s=result.label_s)
             if state != "finished":  # the writers never reported back: count what was committed
                 result.ok, result.errors = final.committed_ok, final.committed_errors
                 result.files_committed = final.committed_files
-            # One images/s figure: the progress line's (since the first labelled image),
-            # so the summary and the last line of the bar agree.
+                result.skipped, result.to_label = final.skipped, final.total
+                result.inputs = final.skipped + final.total
+            if stopped_files is not None:  # exactly what the writers committed
+                result.files = [f.file for f in stopped_files]
+                result.ok = sum(f.ok for f in stopped_files)
+                result.errors = sum(f.errors for f in stopped_files)
+            # One images/s figure, labelled images over labelling time: the last line of the
+            # bar, the summary and the run record agree.
             result.images_per_s = final.images_per_s
         else:
             self.progress.state = state
@@ -482,6 +543,30 @@ class LeasedRun:
 def _lost(ctx: RunContext, why: str) -> JobError:
     return JobError(f"{why}; it committed nothing after losing it and leaves the rest to the "
                     f"run that holds the lease")
+
+
+STOP_COMMIT_S = 10.0
+"""How long a stopped run (Ctrl-C, SIGTERM) waits for its writers to commit what they hold."""
+
+
+def _stop_writers(writers: list) -> list | None:
+    """Commit what the shard writers hold, then end them, so a stopped run keeps every row
+    it labelled and can say exactly what it committed; None when they could not answer
+    (the caller then counts from the progress actor)."""
+    if not writers:  # stopped before they started (and perhaps before Ray did)
+        return None
+    import ray
+
+    try:
+        results = ray.get([w.finish.remote() for w in writers], timeout=STOP_COMMIT_S)
+    except Exception:  # noqa: BLE001 - Ray itself was stopped, or a writer died
+        results = None
+    for writer in writers:
+        try:
+            ray.kill(writer)
+        except Exception:  # noqa: BLE001
+            pass
+    return None if results is None else [f for r in results for f in r.files]
 
 
 def _find_cause(exc: BaseException, cls: type) -> BaseException | None:

@@ -228,6 +228,13 @@ def read_progress(output: str) -> dict | None:
     return json.loads(raw) if raw else None
 
 
+def read_run(output: str, run_id: str) -> dict | None:
+    """One run's record (None when it is not there)."""
+    raw = (read_bytes_or_none(output, f"{RUNS_DIR}/{run_id}.json")
+           or read_bytes_or_none(output, f"{LEGACY_RUNS_DIR}/{run_id}.json"))
+    return json.loads(raw) if raw else None
+
+
 def read_runs(output: str) -> list[dict]:
     """The run records in OUTPUT/_state/runs (and the flat layout's _runs), oldest first."""
     fs, root = resolve(output)

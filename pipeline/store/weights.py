@@ -33,9 +33,23 @@ def is_remote(weights: str | None) -> bool:
     return bool(weights) and weights.lower().startswith(REMOTE_SCHEMES)
 
 
+def source_problem(weights: str) -> str | None:
+    """Why `weights` names no checkpoint (a local path that does not exist, and neither a
+    URL nor a released name), as the end of a message; None when it may be loaded."""
+    from drn.checkpoints import RELEASED_WEIGHTS
+
+    if "://" in weights or weights in RELEASED_WEIGHTS or Path(weights).expanduser().is_file():
+        return None
+    return ("no such file; give a checkpoint path, an http(s)://, s3://, gs:// or hf:// URL, or "
+            "a released name such as drn_d_22:cityscapes (`drn-label models` lists them)")
+
+
 def local_weights(weights: str | None) -> str | None:
     """A path `drn` can load for `weights` (fetched and cached when it is remote)."""
     if not is_remote(weights):
+        problem = source_problem(weights) if weights else None
+        if problem:
+            raise WeightsError(f"--weights {weights}: {problem}")
         return weights
     if weights.lower().startswith("hf://"):
         return _from_hub(weights)

@@ -270,8 +270,8 @@ def resolve_label_set(data_dir: Path, classes, pairs, log: Callable[[str], None]
     if classes is None:
         classes = data_dir / "classes.json"
         if not classes.is_file():
-            raise FileNotFoundError(f"training data {data_dir}: no classes.json; pass classes= "
-                                    "(a label file or preset) to say what the mask values mean")
+            raise FileNotFoundError(f"training data {data_dir}: no classes.json; give --classes "
+                                    "(a preset or a classes file) to say what the mask values mean")
     label_set = drn.load_label_set(classes)
     given = isinstance(classes, drn.LabelSet) or str(classes) in drn.list_presets()
     if not given:
@@ -419,13 +419,13 @@ def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, 
     state = _load_state(state_file, device_) if resume and state_file.is_file() else None
     if resume and state is None and out.exists():
         raise FileExistsError(f"{out} exists but has no training state ({state_file.name}) to resume "
-                              "from; pass resume=False to overwrite it, or choose another out")
+                              "from; give --restart (resume=False) to overwrite it, or another --out")
 
     if state is not None:
         label_set = drn.LabelSet.from_dict(state["label_set"])
         if state["arch"] != arch:
-            raise ValueError(f"{state_file}: resuming a {state['arch']} run, but arch={arch} was asked "
-                             "for; pass resume=False to start over")
+            raise ValueError(f"{state_file}: resuming a {state['arch']} run, but --model {arch} was asked "
+                             "for; give --restart (resume=False) to start over")
     else:
         label_set = resolve_label_set(data_dir, classes, all_pairs, log)
 
@@ -452,7 +452,7 @@ def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, 
             checkpoint = drn.load_checkpoint(out)
             if checkpoint.sha256 != state["checkpoint_sha256"]:
                 raise ValueError(f"{out} is not the checkpoint its finished training state records "
-                                 "(changed since?); pass resume=False to start over")
+                                 "(changed since?); give --restart (resume=False) to start over")
             weights = checkpoint.state_dict
         model.load_state_dict(weights)
     model.to(device_).train()

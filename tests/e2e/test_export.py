@@ -317,10 +317,14 @@ def _python_blocks() -> list[tuple[str, str]]:
     return [(b.splitlines()[0].lstrip("# ").strip(), b) for b in blocks]
 
 
+@pytest.mark.parametrize("which", ["cityscapes", "demo"])
 @pytest.mark.parametrize("title, code", _python_blocks(), ids=[t for t, _ in _python_blocks()])
-def test_docs_output_snippets_run_as_written(title, code, run, tmp_path, monkeypatch, request):
-    """Every Python snippet of docs/output.md runs against a real OUTPUT; only the line
-    that names OUTPUT is replaced. Snippets for libraries not installed here are skipped."""
+def test_docs_output_snippets_run_as_written(title, code, which, tmp_path, monkeypatch, request):
+    """Every Python snippet of docs/output.md runs against a real OUTPUT, the Cityscapes
+    one and the one `drn-label demo` leaves (other classes); only the line that names
+    OUTPUT is replaced. Snippets for libraries not installed here are skipped."""
+    output = request.getfixturevalue("run").output if which == "cityscapes" else \
+        request.getfixturevalue("demo_output")
     monkeypatch.chdir(tmp_path)
     if "pyspark" in code:  # the snippet's getOrCreate() then finds the loopback session
         request.getfixturevalue("spark_session")
@@ -330,7 +334,45 @@ def test_docs_output_snippets_run_as_written(title, code, run, tmp_path, monkeyp
         monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
     except ImportError:
         pass
-    code = re.sub(r'^OUTPUT = .*$', f"OUTPUT = {str(run.output)!r}", code, flags=re.M)
+    code = re.sub(r'^OUTPUT = .*$', f"OUTPUT = {str(output)!r}", code, flags=re.M)
     for module in re.findall(r"^(?:import|from) (\w+)", code, flags=re.M):
         pytest.importorskip(module, reason=f"the {title!r} snippet needs {module}")
     exec(compile(code, f"docs/output.md: {title}", "exec"), {"__name__": "docs_snippet"})
+
+
+README = DOCS.parents[1] / "README.md"
+
+
+def _shell_snippets() -> list[tuple[str, str, str]]:
+    """(page, the OUTPUT path it names, line) of every `python -c` line in the README's and
+    docs/output.md's shell blocks."""
+    found = []
+    for page, path in ((README, "demo/out"), (DOCS, "labels")):
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+            found += [(page.name, path, line) for line in block.splitlines()
+                      if line.startswith("python -c ")]
+    return found
+
+
+@pytest.mark.parametrize("page, path, line", _shell_snippets(),
+                         ids=[f"{p}:{line.split()[3][:20]}" for p, _, line in _shell_snippets()])
+def test_shell_snippets_read_the_demo_output(page, path, line, demo_output):
+    """The README's and docs/output.md's `python -c` lines run as printed (with the OUTPUT
+    they name replaced by the demo's), with only what the package installs."""
+    import shlex
+    import subprocess
+    import sys
+
+    args = shlex.split(line.replace(f"{path}/", f"{demo_output}/").replace(f"'{path}'", f"'{demo_output}'"))
+    assert args[0] == "python" and str(demo_output) in args[2], args
+    done = subprocess.run([sys.executable, *args[1:]], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (page, line, done.stderr[-2000:])
+    assert done.stdout.strip(), (page, line)
+
+
+def test_the_readme_python_block_reads_the_demo_output(demo_output, capsys):
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+                if "read_masks" in b]
+    exec(compile(block.replace('"demo/out"', repr(str(demo_output))), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 6 and all(" (48, 48) " in line for line in printed), printed

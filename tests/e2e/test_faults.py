@@ -192,8 +192,9 @@ def test_fail_fast_before_any_image_is_read(case, images, tmp_path, cli_runner, 
                     f"{tmp_path / 'bad.pth'}: cannot be read with torch.load(weights_only=True)")
     elif case == "missing weights":
         flags = ["--weights", str(tmp_path / "nowhere.pth")]
-        expected = (f"error: cannot build model drn_d_22 from {tmp_path / 'nowhere.pth'}: "
-                    f"{tmp_path / 'nowhere.pth'}: no such file")
+        expected = (f"error: --weights {tmp_path / 'nowhere.pth'}: no such file; give a checkpoint "
+                    "path, an http(s)://, s3://, gs:// or hf:// URL, or a released name such as "
+                    "drn_d_22:cityscapes (`drn-label models` lists them)")
     elif case == "architecture mismatch":
         flags = ["--weights", str(d38_checkpoint)]
         expected = (f"error: cannot build model drn_d_22 from {d38_checkpoint}: {d38_checkpoint}: "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import struct
 import subprocess
@@ -269,25 +270,28 @@ def test_status_of_an_empty_target_is_a_usage_error(cli_runner):
 
 
 def test_an_interrupted_run_records_what_it_committed(tmp_path):
-    """SIGTERM half way (as `drn-label stop` or Kubernetes send it): the run record says
-    interrupted and counts exactly the rows that are in OUTPUT."""
+    """SIGTERM half way (as `drn-label stop` or Kubernetes send it): exit 143, the run record
+    says interrupted and counts exactly the rows that are in OUTPUT, and so does the message,
+    with the command that resumes (tests/e2e/test_cli_run.py does the same for Ctrl-C)."""
     images = tmp_path / "imgs"
     for k in range(120):
         write_png(images / f"{k:03d}.png", k, (48, 48))
     out = tmp_path / "out"
     ray_tmp = tempfile.mkdtemp(prefix="drni-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(images), str(out),
-                             "--num-classes", "3", "--batch-size", "2", "--rows-per-file", "5"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    args = ["run", str(images), str(out), "--num-classes", "3", "--batch-size", "2",
+            "--rows-per-file", "5"]
+    log = tmp_path / "run.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and len(data_files(str(out))) < 3 and proc.poll() is None:
             time.sleep(0.5)
         assert proc.poll() is None, "the run ended before it could be interrupted"
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -299,7 +303,12 @@ def test_an_interrupted_run_records_what_it_committed(tmp_path):
     assert committed > 0
     assert record["counts"]["ok"] + record["counts"]["errors"] == committed
     assert record["counts"]["files"] == len(data_files(str(out)))
-
+    text = log.read_text()
+    assert f"\ninterrupted: {record['counts']['ok']} ok, {record['counts']['errors']} errors committed, " \
+        in text, text[-2000:]
+    assert ("rerun the same command to label the rest (nothing is labelled twice):\n  "
+            f"{shlex.join(['drn-label', *args])}\n") in text, text[-2000:]
+    assert "Traceback" not in text
 
 # -- fuzz --------------------------------------------------------------------------------------------
 def test_fuzzed_manifest_rows_each_become_one_row(ray_session, cli_runner, tmp_path):

@@ -140,9 +140,12 @@ def test_masks_equal_the_models_own_argmax(labelled):
 
 def test_status_and_inspect_commands(labelled, cli_runner):
     cases, _, out, _, _ = labelled
-    res = cli_runner.invoke(cli, ["status", str(out)])
+    res = cli_runner.invoke(cli, ["status", str(out), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["state"] == "finished"
+    res = cli_runner.invoke(cli, ["status", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"{out}: finished (run ")
     res = cli_runner.invoke(cli, ["inspect", str(out)])
     assert res.exit_code == 0, res.output
     n_ok = sum(c.ok for c in cases.values())

@@ -19,7 +19,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_specs_load_and_validate():
     demo = load_spec(ROOT / "jobs" / "demo.toml").validate()
-    assert demo.input == "demo/images" and demo.model == "drn_d_22"
+    assert demo.input == str(ROOT / "demo" / "images") and demo.model == "drn_d_22"
+    assert demo.weights == str(ROOT / "demo" / "drn_d_22-synthetic.pth")
     nightly = load_spec(ROOT / "jobs" / "nightly-s3.toml").validate()
     assert nightly.output.startswith("s3://") and nightly.gpus_per_worker == 0.5
     assert nightly.schedule.cron == "0 2 * * *" and nightly.schedule.kind == "raycronjob"
@@ -56,8 +57,15 @@ def test_validation_names_the_key_and_file(tmp_path):
     bad = load_spec(write(tmp_path, 'input = "a"\noutput = "b"\nworkers = "many"\n'))
     with pytest.raises(SpecError, match=r"^workers in .*job.toml: must be a number \(4\) or a range MIN-MAX"):
         bad.validate()
-    with pytest.raises(SpecError, match="^output: missing: give OUTPUT on the command line"):
+    with pytest.raises(SpecError) as missing:
         JobSpec(input="a").validate()
+    assert str(missing.value) == ('OUTPUT is missing: give it on the command line (INPUT OUTPUT) '
+                                  'or as `output = "..."` of a --job spec')
+    spec = load_spec(write(tmp_path, 'output = "b"\n'))
+    with pytest.raises(SpecError) as missing:
+        spec.validate()
+    assert str(missing.value) == (f'INPUT is missing: give it on the command line (INPUT OUTPUT) '
+                                  f'or as `input = "..."` in {tmp_path / "job.toml"}')
 
 
 def test_flags_override_the_file(tmp_path):
@@ -97,9 +105,14 @@ def test_auto_values_fill_the_cluster(cpus, gpus, chosen):
     (["run", "in", "out", "--model", "drn_x"], "Invalid value for '--model': 'drn_x' is not one of drn_a_18"),
     (["run", "in", "out", "--tta-scales", "a,b"], "Invalid value for '--tta-scales': 'a,b': expected numbers"),
     (["run", "in", "out", "--max-error-rate", "2"], "Invalid value for '--max-error-rate'"),
-    (["run", "in"], "output: missing: give OUTPUT on the command line or `output = ...`"),
+    (["run", "in"], 'Error: OUTPUT is missing: give it on the command line (INPUT OUTPUT) or as '
+                    '`output = "..."` of a --job spec'),
+    (["run"], 'Error: INPUT is missing: give it on the command line (INPUT OUTPUT) or as '
+              '`input = "..."` of a --job spec'),
     (["run", "--job", "nope.toml"], "Invalid value for '--job': File 'nope.toml' does not exist."),
-    (["run", "in", "out", "--overwrite", "--retry-errors"], "overwrite: cannot be combined with retry_errors"),
+    (["run", "in", "out", "--overwrite", "--retry-errors"],
+     "Error: --overwrite and --retry-errors cannot be combined: --overwrite relabels every image, "
+     "error rows included"),
 ])
 def test_bad_options_are_usage_errors(cli_runner, args, message):
     result = cli_runner.invoke(cli, args)
@@ -113,3 +126,48 @@ def test_job_file_errors_are_usage_errors(cli_runner, tmp_path):
     result = cli_runner.invoke(cli, ["run", "--job", str(job)])
     assert result.exit_code == 2
     assert f"{job}: unknown key 'workerz' (did you mean workers?)" in result.output
+
+
+def test_paths_in_a_spec_are_relative_to_the_spec_file(tmp_path, monkeypatch, cli_runner):
+    """The same spec means the same folders from any working directory; URIs, absolute
+    paths, release names and presets stay as written; a command-line INPUT/OUTPUT is
+    relative to the current folder, as on any command line."""
+    jobs = tmp_path / "project" / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "labels.json").write_text('["a", "b"]')
+    spec_file = jobs / "job.toml"
+    spec_file.write_text('input = "../photos/**/*.jpg"\noutput = "../labels"\n'
+                         'weights = "../ckpt/model.pth"\nclasses = "labels.json"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = load_spec(Path("..") / "project" / "jobs" / "job.toml")
+    project = tmp_path / "project"
+    assert spec.input == f"{project}/photos/**/*.jpg"
+    assert spec.output == str(project / "labels")
+    assert spec.weights == str(project / "ckpt" / "model.pth")
+    assert spec.classes == str(jobs / "labels.json")
+    spec_file.write_text('input = "s3://bucket/in/"\noutput = "/data/labels"\n'
+                         'weights = "drn_d_22:cityscapes"\nclasses = "cityscapes"\n')
+    spec = load_spec(spec_file)
+    assert (spec.input, spec.output, spec.weights, spec.classes) == (
+        "s3://bucket/in/", "/data/labels", "drn_d_22:cityscapes", "cityscapes")
+    from pipeline.cli.options import spec_from_cli
+
+    spec_file.write_text('input = "../photos"\noutput = "../labels"\n')
+    merged = spec_from_cli(None, "here-out", spec_file)
+    assert merged.input == str(project / "photos") and merged.output == "here-out"
+
+
+def test_the_spec_the_demo_writes_works_from_any_folder(tmp_path, monkeypatch):
+    from pipeline.tools.demo import write_demo_spec
+
+    root = tmp_path / "demo"
+    root.mkdir()
+    (root / "drn_d_22-synthetic.pth").write_bytes(b"")
+    spec_file = write_demo_spec(root, root / "drn_d_22-synthetic.pth")
+    monkeypatch.chdir(tmp_path.parent)
+    spec = load_spec(spec_file).validate()
+    assert (spec.input, spec.output, spec.weights) == (
+        str(root / "images"), str(root / "out"), str(root / "drn_d_22-synthetic.pth"))
+    assert f"#   drn-label run --job {spec_file}\n" in spec_file.read_text()

@@ -106,7 +106,7 @@ def test_one_epoch_writes_a_loadable_checkpoint_and_resumes(tmp_path, tiny_set):
     with pytest.raises(ValueError, match="resuming a drn_d_22 run"):
         train(tiny_set, arch="drn_c_26", out=out, epochs=3, size=32, log=lines.append)
     state_path(out).unlink()
-    with pytest.raises(FileExistsError, match="resume=False"):
+    with pytest.raises(FileExistsError, match=r"give --restart \(resume=False\) to overwrite it"):
         train(tiny_set, arch="drn_d_22", out=out, epochs=3, size=32, log=lines.append)
 
 
