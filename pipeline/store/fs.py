@@ -201,6 +201,16 @@ PART_RE = re.compile(r"^\.(?P<name>part-[^/]+\.parquet|[^/]+\.json)\.[0-9a-f]{32
 """Names of what a writer killed mid-write leaves (see `drn.io.atomic_write`): only ours."""
 
 
+def os_error_text(exc: BaseException) -> str:
+    """One line for a storage error: its reason (``No space left on device``) and the file
+    it names, whatever raised it (the OS, pyarrow's filesystems, an object store's client)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = " ".join(str(exc).split())
+    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
+
+
 def read_bytes_or_none(output: str, name: str) -> bytes | None:
     fs, root = resolve(output)
     try:
