@@ -66,7 +66,9 @@ def _looks_like_output(target: str) -> bool:
 @click.command()
 @click.argument("target")
 @click.option("--address", default=None, envvar="RAY_ADDRESS", help="Ray cluster (for a job id).")
-def status(target: str, address: str | None) -> None:
+@click.option("--insecure", is_flag=True,
+              help="For a job id: talk to a cluster that does not check tokens (see `submit --insecure`).")
+def status(target: str, address: str | None, insecure: bool) -> None:
     """Progress of the run writing OUTPUT (its _state/progress.json), or the state of a submitted job ID."""
     if not target.strip():
         raise UsageError("TARGET is empty: give an OUTPUT folder or a submitted job's id")
@@ -80,7 +82,7 @@ def status(target: str, address: str | None) -> None:
         return
     from pipeline.cli.jobs import print_status
 
-    print_status(target, address)
+    print_status(target, address, insecure=insecure)
 
 
 @click.command()
