@@ -64,13 +64,21 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context):
-        """The one error handler: domain errors become click's, with the right exit code."""
+        """The one error handler: domain errors become click's, with the right exit code. A
+        storage error that no layer translated (a full disk, an I/O error) is one line too;
+        -v shows its traceback."""
         try:
             return super().invoke(ctx)
         except UsageError as exc:
             raise click.UsageError(str(exc)) from None
         except DrnLabelError as exc:
             raise CommandFailed(str(exc), exc.exit_code) from None
+        except OSError as exc:
+            if ctx.params.get("verbose"):
+                raise
+            from pipeline.store.fs import os_error_text
+
+            raise CommandFailed(f"storage error: {os_error_text(exc)} (-v shows where)", 1) from None
 
 
 def show_envvars(command: click.Command) -> click.Command:

@@ -12,19 +12,28 @@ writer of a shard is a Ray actor that
 - drops a row whose image id this run already buffered or committed (a repeated input,
   a retried write task), so each image is committed once;
 - checks OUTPUT's lease (run id and generation) before every commit: a run that lost it
-  commits nothing more.
+  commits nothing more;
+- keeps its rows until their file is written: a storage error (a full disk, an I/O error,
+  a failing object store) is retried with backoff for a bounded time
+  (`pipeline.store.fs.with_storage_retries`), the rows staying in the buffer, and new rows
+  wait meanwhile (so memory stays bounded); past the budget the writer fails and every
+  later hand-over raises the `StorageError`, which fails the run with one line.
 
 The uncommitted rows of a run are therefore at most one file's worth per shard plus the
-batches in flight.
+batches in flight, and `finish` says how many rows the writer accepted and committed, so
+the run can never report success with rows missing.
 """
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
 
 import pyarrow as pa
 
-from pipeline.store.fs import write_table_atomic
+from pipeline.errors import JobError, StorageError
+from pipeline.store.fs import storage_retry_s, with_storage_retries, write_table_atomic
 from pipeline.store.lease import LeaseLost, check_lease
 from pipeline.store.output import data_file_name
 from pipeline.store.reconcile import shard_of
@@ -33,17 +42,46 @@ COMMIT_INTERVAL_S = 15.0
 """A shard commits its buffered rows at the latest this long after the oldest arrived."""
 
 
+def _wraps(exc: BaseException | None, classes: tuple[type, ...]) -> bool:
+    """Whether `exc` is, or wraps (Ray's task errors, chained causes), one of `classes`."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, classes):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return False
+
+
+class _WriterFailures(logging.Filter):
+    """Ray Data logs a failed write task's traceback (and calls it an internal error) before
+    it raises the error; a writer's lost lease or storage failure is reported by the run as
+    one line, so it is not logged too. Ray Data logs from inside its `except` block, so the
+    exception is the record's, or the one being handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return not _wraps(exc, (LeaseLost, StorageError))
+
+
+# Once, at import (as the planning stages' warning filter): the loggers that report it.
+for _name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+    logging.getLogger(_name).addFilter(_WriterFailures())
+
+
 class ShardWriter:
     """The actor body (see the module doc). Methods are called from several threads."""
 
     def __init__(self, *, output: str, run_id: str, generation: int | None, shard: int,
                  schema: pa.Schema, rows_per_file: int, commit_interval_s: float,
-                 done_refs: list, skip_status: tuple[str, ...], progress=None) -> None:
+                 done_refs: list, skip_status: tuple[str, ...], progress=None,
+                 storage_retry_s: float | None = None) -> None:
         import ray
 
         self.output, self.run_id, self.generation, self.shard = output, run_id, generation, shard
         self.schema, self.rows_per_file = schema, rows_per_file
         self.commit_interval_s, self.progress = commit_interval_s, progress
+        self.storage_retry_s = storage_retry_s
         existing = skip = 0
         done: set[str] = set()
         self.skip: set[str] = set()
@@ -66,7 +104,9 @@ class ShardWriter:
         self.buffered = 0
         self.first_t: float | None = None
         self.files: list[dict] = []
+        self.accepted = 0  # rows new to this run that were handed over
         self.lost: str | None = None
+        self.failed: str | None = None  # a storage error that outlasted its retries
         self._lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._timer, name="drn-label-commit", daemon=True).start()
@@ -82,6 +122,8 @@ class ShardWriter:
         with self._lock:
             if self.lost:
                 raise LeaseLost(self.lost)
+            if self.failed:
+                raise StorageError(self.failed)
             ids = table.column("image_id").to_pylist()
             new = [k for k, i in enumerate(ids) if i not in self.seen]
             self.repeated += len(ids) - len(new)
@@ -91,6 +133,7 @@ class ShardWriter:
             if table.num_rows:
                 self.buffer.append(table)
                 self.buffered += table.num_rows
+                self.accepted += table.num_rows
                 self.first_t = self.first_t or time.time()
             if self.buffered >= self.rows_per_file:
                 self._commit()
@@ -99,24 +142,33 @@ class ShardWriter:
     def _timer(self) -> None:
         while not self._stop.wait(0.25):
             with self._lock:
-                if self.buffered and not self.lost and \
+                if self.buffered and not (self.lost or self.failed) and \
                         time.time() - (self.first_t or 0) >= self.commit_interval_s:
                     try:
                         self._commit()
-                    except LeaseLost:
-                        pass
+                    except (LeaseLost, StorageError):
+                        pass  # recorded in self.lost / self.failed; the run reports it
 
     def _commit(self) -> None:
-        """Commit the buffer as one file (the caller holds the lock)."""
+        """Commit the buffer as one file (the caller holds the lock). The rows leave the
+        buffer only once the file is written; the lease is checked before every attempt."""
         table = pa.concat_tables(self.buffer).cast(self.schema).sort_by("image_id")
-        self.buffer, self.buffered, self.first_t = [], 0, None
-        try:
+        name = data_file_name(self.run_id, table.column("image_id").to_pylist())
+
+        def attempt() -> None:
             check_lease(self.output, self.run_id, self.generation)
+            write_table_atomic(self.output, name, table)
+
+        try:
+            with_storage_retries(attempt, what=f"OUTPUT {self.output}: cannot write {name}",
+                                 budget_s=self.storage_retry_s)
         except LeaseLost as exc:
             self.lost = str(exc)
             raise
-        name = data_file_name(self.run_id, table.column("image_id").to_pylist())
-        write_table_atomic(self.output, name, table)
+        except StorageError as exc:
+            self.failed = str(exc)
+            raise
+        self.buffer, self.buffered, self.first_t = [], 0, None
         errors = sum(1 for s in table.column("status").to_pylist() if s != "ok")
         self.files.append({"file": name, "rows": table.num_rows, "ok": table.num_rows - errors,
                            "errors": errors})
@@ -127,16 +179,31 @@ class ShardWriter:
                 pass
 
     def finish(self) -> dict:
-        """Commit what is left; what this shard did."""
+        """Commit what is left; what this shard did. ``uncommitted`` counts the rows it
+        accepted and could not commit (a lost lease, a storage failure): never silently 0."""
         self._stop.set()
         with self._lock:
-            if self.buffered and not self.lost:
+            if self.buffered and not (self.lost or self.failed):
                 try:
                     self._commit()
-                except LeaseLost:
+                except (LeaseLost, StorageError):
                     pass
+            committed = sum(f["rows"] for f in self.files)
             return {"files": list(self.files), "repeated": self.repeated, "lost": self.lost,
+                    "failed": self.failed, "accepted": self.accepted,
+                    "uncommitted": self.accepted - committed,
                     "existing": self.existing, "existing_duplicates": self.existing_duplicates}
+
+
+def uncommitted_error(cause: str, committed_ok: int, committed_errors: int, committed_files: int,
+                      uncommitted: int | None = None) -> JobError:
+    """The one line a run ends with when labelled rows could not be committed: the cause
+    (which names OUTPUT), what this run committed there, and what to do."""
+    missing = f"{uncommitted} labelled rows were not committed; " if uncommitted else ""
+    return JobError(f"{cause}; OUTPUT holds {committed_ok + committed_errors} rows of this run "
+                    f"({committed_ok} ok, {committed_errors} errors) in {committed_files} file(s), "
+                    f"each complete; {missing}rerun the same command once the storage works again "
+                    "to label the rest")
 
 
 def start_shard_writers(shards: int, **kwargs) -> list:
@@ -147,6 +214,7 @@ def start_shard_writers(shards: int, **kwargs) -> list:
 
     actor = ray.remote(num_cpus=0, max_concurrency=16)(ShardWriter)
     done_refs = kwargs.pop("done_refs")
+    kwargs.setdefault("storage_retry_s", storage_retry_s())  # the driver's setting, not the actor's
     here = driver_node()
     return [actor.options(scheduling_strategy=here).remote(shard=k, done_refs=done_refs[k], **kwargs)
             for k in range(shards)]

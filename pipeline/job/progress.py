@@ -7,6 +7,7 @@ every few seconds, writes ``OUTPUT/_state/progress.json`` and prints a live line
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, TextIO
 
+log = logging.getLogger(__name__)
 
 
 def utc_now() -> str:
@@ -185,6 +187,9 @@ class ProgressReporter:
         self.update()
         self.progress.state = state
         self.progress.eta_s = 0.0 if state == "finished" else self.progress.eta_s
-        self.save(self.progress)
+        try:
+            self.save(self.progress)
+        except OSError as exc:  # a full disk must not hide why the run ends
+            log.warning("cannot save the run's progress: %s", " ".join(str(exc).split()))
         self._emit(final=True)
         return self.progress

@@ -23,14 +23,14 @@ from typing import Callable, TextIO
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.errors import EXIT_ERROR_RATE, EXIT_OK, JobError
+from pipeline.errors import EXIT_ERROR_RATE, EXIT_OK, JobError, StorageError
 from pipeline.job.progress import Progress, ProgressReporter
 from pipeline.job.stages import ModelSpec, RowIdentity
 from pipeline.spec import JobSpec
-from pipeline.store.fs import resolve, write_bytes_atomic
+from pipeline.store.fs import os_error_text, probe_writable, resolve, write_bytes_atomic
 from pipeline.store.lease import Lease, LeaseLost, acquire_lease
-from pipeline.store.output import (PROBS_STRIDE, PROGRESS_FILE, RUNS_DIR, OutputMetadata, data_files,
-                                   foreign_files, schema_with_metadata)
+from pipeline.store.output import (DATA_DIR, PROBS_STRIDE, PROGRESS_FILE, RUNS_DIR, STATE_DIR,
+                                   OutputMetadata, data_files, foreign_files, schema_with_metadata)
 from pipeline.store.reconcile import clean_tmp, drop_replaced_rows, remove_identity_rows
 from pipeline.store.sources import InputError, InputPlan, no_inputs_error, plan_inputs
 
@@ -78,17 +78,17 @@ def new_run_id() -> str:
 
 # -- fail-fast checks ---------------------------------------------------------------------
 def check_output(output: str) -> None:
-    """OUTPUT must be a directory we can write, or not exist yet."""
+    """OUTPUT must be a directory we can write, or not exist yet: its data and state folders
+    are probed now (under names no other run uses), not found read-only at the first commit."""
     fs, root = resolve(output)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         raise JobError(f"OUTPUT {output} is a file; give a directory (it is created if missing)")
-    try:
-        fs.create_dir(root, recursive=True)
-        write_bytes_atomic(output, "_write_check", b"ok")
-        fs.delete_file(f"{root}/_write_check")
-    except OSError as exc:
-        raise JobError(f"OUTPUT {output} is not writable: {' '.join(str(exc).split())}") from None
+    for folder in (DATA_DIR, STATE_DIR):
+        try:
+            probe_writable(output, folder)
+        except OSError as exc:
+            raise JobError(f"OUTPUT {output} is not writable: {os_error_text(exc)}") from None
 
 
 def describe_model(spec: JobSpec):
@@ -142,9 +142,39 @@ def ensure_ray(address: str | None) -> bool:
         # variables are already in it); without a runtime_env they are the workers Ray
         # starts with the node, not new ones started for the job.
         os.environ.setdefault("OMP_WAIT_POLICY", env_vars["OMP_WAIT_POLICY"])
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 logging_level=level)
+        full = ray_temp_full()
+        if full:  # Ray would wait half a minute for files it cannot write, then fail
+            raise JobError(f"cannot start a local Ray: {full}")
+        try:
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                     logging_level=level)
+        except Exception as exc:  # noqa: BLE001 - Ray's start-up failures are its internals' tracebacks
+            raise JobError(f"cannot start a local Ray: {ray_start_failure(exc)}") from None
     return True
+
+
+def ray_temp_full() -> str | None:
+    """Why Ray's temp folder (RAY_TMPDIR, else the system's) cannot hold a local Ray's
+    session (its logs, sockets and spilled objects), or None: under 64 MiB free."""
+    import shutil
+    import tempfile
+
+    temp = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    try:
+        free = shutil.disk_usage(temp).free
+    except OSError:
+        return None
+    if free >= 64 << 20:
+        return None
+    return (f"its temp folder {temp} has {free >> 20} MiB free; free some space there, or point "
+            "RAY_TMPDIR at a disk that has some")
+
+
+def ray_start_failure(exc: BaseException) -> str:
+    """Why a local Ray did not start, in one line (a disk that filled meanwhile, else the
+    last line of Ray's own message)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return ray_temp_full() or (lines[-1][:300] if lines else type(exc).__name__)
 
 
 def default_torch_threads(spec: JobSpec) -> int | None:
@@ -312,7 +342,8 @@ def _run_leased(ctx: RunContext) -> RunResult:
         ensure_ray(spec.address)
         from ray.data import DataContext
 
-        from pipeline.job.commit import COMMIT_INTERVAL_S, load_done_set, start_shard_writers
+        from pipeline.job.commit import (COMMIT_INTERVAL_S, load_done_set, start_shard_writers,
+                                         uncommitted_error)
         from pipeline.job.progress import start_counter_actor
         from pipeline.job.sink import LabelDatasink
 
@@ -340,12 +371,17 @@ def _run_leased(ctx: RunContext) -> RunResult:
         try:
             build_dataset(spec, plan, meta, run_id, writers, counter).write_datasink(
                 sink, ray_remote_args={"num_cpus": 0})
-        except Exception as exc:  # noqa: BLE001 - a lost lease and bad input are translated
+        except Exception as exc:  # noqa: BLE001 - a lost lease, bad input, storage are translated
             for cls in (LeaseLost, InputError):
                 cause = _find_cause(exc, cls)
                 if cause is not None:
                     raise (_lost(ctx, str(cause).split(":")[0]) if cls is LeaseLost
                            else JobError(str(cause))) from None
+            cause = _find_cause(exc, StorageError)
+            if cause is not None:
+                snap = ray.get(counter.snapshot.remote(), timeout=30)
+                raise uncommitted_error(str(cause), snap["committed_ok"], snap["committed_errors"],
+                                        snap["committed_files"]) from None
             raise
         shard_results = ray.get([w.finish.remote() for w in writers])
         result.label_s = time.time() - t_label
@@ -359,6 +395,11 @@ def _run_leased(ctx: RunContext) -> RunResult:
         lost = next((r["lost"] for r in shard_results if r["lost"]), None) or ctx.lease.lost
         if lost is not None:
             raise _lost(ctx, lost.split(":")[0])
+        uncommitted = sum(r["uncommitted"] for r in shard_results)
+        if uncommitted:  # rows the writers accepted and could not commit: never a success
+            failed = next((r["failed"] for r in shard_results if r["failed"]), None)
+            raise uncommitted_error(failed or f"OUTPUT {output}: labelled rows were not committed",
+                                    result.ok, result.errors, len(result.files), uncommitted)
         if result.inputs == 0 and plan.kind in ("directory", "glob", "shards"):
             raise JobError(str(no_inputs_error(plan)))
         repeated = sum(r["repeated"] for r in shard_results)
@@ -400,8 +441,11 @@ def _run_leased(ctx: RunContext) -> RunResult:
         result.state = state
         result.wall_s = time.time() - t_start
         if not ctx.lease.lost:  # a run that lost the lease writes nothing more into OUTPUT
-            write_bytes_atomic(output, f"{RUNS_DIR}/{run_id}.json",
-                               json.dumps(_record(spec, meta, result, t_start), indent=2).encode())
+            try:
+                write_bytes_atomic(output, f"{RUNS_DIR}/{run_id}.json",
+                                   json.dumps(_record(spec, meta, result, t_start), indent=2).encode())
+            except OSError as exc:  # the storage failure itself is what the run reports
+                echo(f"warning: cannot write the run record {RUNS_DIR}/{run_id}.json: {os_error_text(exc)}")
     labelled = result.ok + result.errors
     if spec.max_error_rate is not None and labelled and result.errors / labelled > spec.max_error_rate:
         result.exit_code = EXIT_ERROR_RATE
