@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import StorageError
-from pipeline.store.fs import probe_writable, with_storage_retries
+from pipeline.store.fs import with_storage_retries
 from pipeline.store.lease import acquire_lease
 from pipeline.store.output import SCHEMA, data_files
 
@@ -128,10 +128,10 @@ def test_runs_probing_output_at_the_same_instant_never_trip_on_each_other(tmp_pa
     and 8 x 50 of one with its folders, none fails, none is left behind."""
     import multiprocessing
 
+    import pipeline.job.run  # noqa: F401 - imported once, before the fork
+
     output = str(tmp_path / "out")
     start = time.time() + 0.5
-    from pipeline.job.run import check_output  # noqa: F401 - imported once, before the fork
-
     with multiprocessing.get_context("fork").Pool(8) as pool:
         failures = [f for part in pool.map(_probe_from_a_process, [(output, start, 100)] * 8) for f in part]
     assert failures == []
