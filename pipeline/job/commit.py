@@ -9,8 +9,11 @@ writer of a shard is a Ray actor that
 - buffers the shard's labelled rows and commits them as one Parquet file whenever
   `rows_per_file` rows are waiting or the oldest has waited `commit_interval_s`, so
   commits keep pace with labelling at any N and whatever else competes for the CPUs;
-- drops a row whose image id this run already buffered or committed (a repeated input,
-  a retried write task), so each image is committed once;
+- drops a row whose image id this run already has, so each image is committed once: the
+  skip stage drops an id's later rows within one block of the input (its first row wins;
+  they are never decoded), and the writer drops a row whose id it already buffered or
+  committed (the same id further apart in the input, a retried write task: the row that
+  reaches the writer first wins), and the rows of one table after an id's first;
 - checks OUTPUT's lease (run id and generation) before every commit: a run that lost it
   commits nothing more;
 - keeps its rows until their file is written: a storage error (a full disk, an I/O error,
@@ -40,6 +43,9 @@ from pipeline.store.reconcile import shard_of
 
 COMMIT_INTERVAL_S = 15.0
 """A shard commits its buffered rows at the latest this long after the oldest arrived."""
+LABEL, DONE, DUPLICATE = 0, 1, 2
+"""What the skip stage does with an input row: label it, skip it (OUTPUT has it), drop it
+(an earlier row of the same block has its image id)."""
 
 
 def _wraps(exc: BaseException | None, classes: tuple[type, ...]) -> bool:
@@ -100,6 +106,8 @@ class ShardWriter:
         del done, skip
         self.seen: set[str] = set()  # buffered or committed by this run
         self.repeated = 0  # rows dropped because this run already had their image id
+        self.duplicates = 0  # input rows the skip stage dropped (an earlier row has the id)
+        self._count_lock = threading.Lock()  # never held while committing
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.first_t: float | None = None
@@ -112,8 +120,23 @@ class ShardWriter:
         threading.Thread(target=self._timer, name="drn-label-commit", daemon=True).start()
 
     # -- the skip stage ----------------------------------------------------------------------
-    def to_label(self, image_ids: list[str]) -> list[bool]:
-        return [i not in self.skip for i in image_ids]
+    def to_label(self, image_ids: list[str]) -> list[int]:
+        """LABEL, DONE or DUPLICATE for each id of one block (in the input's order): an id's
+        first row is labelled unless OUTPUT has it; its later rows are duplicates."""
+        answer, first = [], set()
+        for image_id in image_ids:
+            if image_id in self.skip:
+                answer.append(DONE)
+            elif image_id in first:
+                answer.append(DUPLICATE)
+            else:
+                first.add(image_id)
+                answer.append(LABEL)
+        duplicates = answer.count(DUPLICATE)
+        if duplicates:
+            with self._count_lock:
+                self.duplicates += duplicates
+        return answer
 
     # -- the write stage ---------------------------------------------------------------------
     def add(self, table: pa.Table) -> int:
@@ -125,11 +148,14 @@ class ShardWriter:
             if self.failed:
                 raise StorageError(self.failed)
             ids = table.column("image_id").to_pylist()
-            new = [k for k, i in enumerate(ids) if i not in self.seen]
+            new = []
+            for k, image_id in enumerate(ids):  # the first row of an id wins, in table order
+                if image_id not in self.seen:
+                    self.seen.add(image_id)
+                    new.append(k)
             self.repeated += len(ids) - len(new)
             if len(new) < len(ids):
                 table = table.take(pa.array(new, pa.int64()))
-            self.seen.update(table.column("image_id").to_pylist())
             if table.num_rows:
                 self.buffer.append(table)
                 self.buffered += table.num_rows
@@ -189,7 +215,8 @@ class ShardWriter:
                 except (LeaseLost, StorageError):
                     pass
             committed = sum(f["rows"] for f in self.files)
-            return {"files": list(self.files), "repeated": self.repeated, "lost": self.lost,
+            return {"files": list(self.files), "repeated": self.repeated + self.duplicates,
+                    "lost": self.lost,
                     "failed": self.failed, "accepted": self.accepted,
                     "uncommitted": self.accepted - committed,
                     "existing": self.existing, "existing_duplicates": self.existing_duplicates}
@@ -253,24 +280,28 @@ def load_done_set(output: str, files: list[str], meta, shards: int,
 
 
 def skip_done(batch: pa.Table, *, writers: list, progress=None) -> pa.Table:
-    """The skip stage: drop the rows whose image id the shard's done set holds."""
+    """The skip stage: drop the rows whose image id the shard's done set holds, and the
+    later rows of an id within this block (its first row wins). Inputs are counted once
+    per image id: a duplicate row is neither listed nor skipped (the writers count it)."""
     import ray
 
     ids = batch.column("image_id").to_pylist()
     parts = shard_of(ids, len(writers))
-    keep = [True] * len(ids)
+    answer = [LABEL] * len(ids)
     by_shard: dict[int, list[int]] = {}
     for row, shard in enumerate(parts):
         by_shard.setdefault(shard, []).append(row)
     answers = {shard: writers[shard].to_label.remote([ids[r] for r in rows])
                for shard, rows in by_shard.items()}
     for shard, rows in by_shard.items():
-        for row, label in zip(rows, ray.get(answers[shard])):
-            keep[row] = label
-    todo = batch.filter(pa.array(keep, pa.bool_()))
+        for row, code in zip(rows, ray.get(answers[shard])):
+            answer[row] = code
+    todo = batch.filter(pa.array([code == LABEL for code in answer], pa.bool_()))
     if progress is not None:
         try:
-            progress.add_listed.remote(batch.num_rows, batch.num_rows - todo.num_rows)
+            duplicates = answer.count(DUPLICATE)
+            progress.add_listed.remote(batch.num_rows - duplicates,
+                                       batch.num_rows - duplicates - todo.num_rows)
         except Exception:  # noqa: BLE001
             pass
     return todo

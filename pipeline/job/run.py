@@ -60,6 +60,7 @@ class RunResult:
     errors: int = 0
     files: list[str] = field(default_factory=list)
     files_committed: int = 0  # known from progress when the run did not finish
+    duplicates: int = 0  # input rows dropped: an earlier row had their image id (one row kept)
     startup_s: float = 0.0
     label_s: float = 0.0
     wall_s: float = 0.0
@@ -402,11 +403,11 @@ def _run_leased(ctx: RunContext) -> RunResult:
                                     result.ok, result.errors, len(result.files), uncommitted)
         if result.inputs == 0 and plan.kind in ("directory", "glob", "shards"):
             raise JobError(str(no_inputs_error(plan)))
-        repeated = sum(r["repeated"] for r in shard_results)
+        repeated = result.duplicates = sum(r["repeated"] for r in shard_results)
         if repeated:
-            echo(f"warning: input {spec.input}: {repeated} rows repeated an image_id already "
-                 f"labelled in this run; each image_id was labelled once (give each row its "
-                 f"own image_id)")
+            echo(f"warning: input {spec.input}: {repeated} rows repeated the image_id of another "
+                 f"row; one row of each image_id was labelled and kept, the first (give each row "
+                 f"its own image_id)")
         if ctx.lease.lost or not ctx.lease.renew():  # lost after the last commit: touch nothing
             raise _lost(ctx, ctx.lease.lost or f"run {run_id} lost the lease on OUTPUT {output}")
         # Rows to reconcile: --retry-errors replaces error rows, and an earlier run may have
@@ -478,6 +479,7 @@ def _record(spec: JobSpec, meta: OutputMetadata, result: RunResult, t_start: flo
                   "weights_sha256": meta.weights_sha256, "num_classes": meta.num_classes},
         "counts": {"inputs": result.inputs, "skipped_existing": result.skipped,
                    "to_label": result.to_label, "ok": result.ok, "errors": result.errors,
+                   "duplicates": result.duplicates,
                    "files": max(len(result.files), result.files_committed)},
         "timings": {"started_at": datetime.fromtimestamp(t_start, timezone.utc).isoformat(),
                     "wall_s": round(result.wall_s, 3), "startup_s": round(result.startup_s, 3),

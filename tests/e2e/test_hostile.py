@@ -338,6 +338,37 @@ def test_exports_never_collide_crash_or_half_write(ray_session, cli_runner, tmp_
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".part")]
 
 
+def test_an_image_id_twice_in_one_block_is_labelled_once(ray_session, cli_runner, tmp_path):
+    """Manifest rows with one image_id close together (one block: a Parquet manifest's
+    rows arrive in blocks of up to 1,024 consecutive rows): the first row's image is
+    labelled, the others are dropped before decoding with a warning that counts them, and
+    `inspect` shows the count. An older OUTPUT that holds the same rows twice (one run, one
+    instant: what this used to commit) is reconciled by the next run to the first of them."""
+    images = [write_png(tmp_path / "imgs" / f"{k}.png", k) for k in range(5)]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"uri": [str(p) for p in images], "image_id": ["a", "b", "a", "c", "a"]}),
+                   manifest)
+    out = tmp_path / "out"
+    res = label(cli_runner, manifest, out)
+    assert res.exit_code == 0, res.output
+    assert (f"warning: input {manifest}: 2 rows repeated the image_id of another row; one row of each "
+            "image_id was labelled and kept, the first") in res.output
+    assert "finished: 3 ok, 0 errors, 0 already labelled (of 3 inputs)" in res.output
+    rows = rows_of(out)  # asserts one row per image_id
+    assert {i: r["uri"] for i, r in rows.items()} == {"a": str(images[0]), "b": str(images[1]),
+                                                      "c": str(images[3])}
+    res = cli_runner.invoke(cli, ["inspect", str(out)])
+    assert res.exit_code == 0 and "duplicate input rows 2 (one row kept each)" in res.output
+
+    (first,) = (out / "data").glob("part-*.parquet")
+    shutil.copy(first, first.with_name(first.name.replace("part-", "part-0")))  # sorts first
+    res = label(cli_runner, manifest, out)
+    assert res.exit_code == 0, res.output
+    assert "removed 3 rows" in res.output
+    rows = rows_of(out)
+    assert sorted(rows) == ["a", "b", "c"] and rows["a"]["uri"] == str(images[0])
+
+
 def test_status_of_an_empty_target_is_a_usage_error(cli_runner):
     res = cli_runner.invoke(cli, ["status", ""])
     assert res.exit_code == 2 and "Traceback" not in res.output
