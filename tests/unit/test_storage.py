@@ -124,8 +124,8 @@ def _probe_from_a_process(args: tuple[str, float, int]) -> list[str]:
 def test_runs_probing_output_at_the_same_instant_never_trip_on_each_other(tmp_path):
     """Runs starting together used to delete each other's `_write_check` (`Cannot delete
     file`, exit 1 instead of 4; 2 of 800 probes here with the old name). Every probe now
-    writes a name of its own: 8 processes x 100 probes of a new OUTPUT (probed at its root)
-    and 8 x 50 of one with its folders, none fails, none is left behind."""
+    writes a name of its own: 8 processes x 40 probes of a new OUTPUT (probed at its root)
+    and 8 x 20 of one with its folders, none fails, none is left behind."""
     import multiprocessing
 
     import pipeline.job.run  # noqa: F401 - imported once, before the fork
@@ -133,13 +133,13 @@ def test_runs_probing_output_at_the_same_instant_never_trip_on_each_other(tmp_pa
     output = str(tmp_path / "out")
     start = time.time() + 0.5
     with multiprocessing.get_context("fork").Pool(8) as pool:
-        failures = [f for part in pool.map(_probe_from_a_process, [(output, start, 100)] * 8) for f in part]
+        failures = [f for part in pool.map(_probe_from_a_process, [(output, start, 40)] * 8) for f in part]
     assert failures == []
     assert list((tmp_path / "out").iterdir()) == []  # no probe left behind, no folder made
     (tmp_path / "out" / "data").mkdir()  # once the folders exist, they are what is probed
     (tmp_path / "out" / "_state").mkdir()
     with multiprocessing.get_context("fork").Pool(8) as pool:
-        failures = [f for part in pool.map(_probe_from_a_process, [(output, time.time() + 0.5, 50)] * 8)
+        failures = [f for part in pool.map(_probe_from_a_process, [(output, time.time() + 0.5, 20)] * 8)
                     for f in part]
     assert failures == []
     assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
