@@ -123,7 +123,7 @@ def _probe_from_a_process(args: tuple[str, float, int]) -> list[str]:
 
 def test_runs_probing_output_at_the_same_instant_never_trip_on_each_other(tmp_path):
     """Runs starting together used to delete each other's `_write_check` (`Cannot delete
-    file`, exit 1 instead of 4; 2 of 800 probes here with the old name). Every probe now
+    file`, exit 1 instead of 4: 2 of 800 probes from 8 processes failed so). Every probe now
     writes a name of its own: 8 processes x 40 probes of a new OUTPUT (probed at its root)
     and 8 x 20 of one with its folders, none fails, none is left behind."""
     import multiprocessing
