@@ -105,6 +105,33 @@ def test_retries_are_for_what_waiting_can_cure():
         with_storage_retries(lambda: {}["x"], what="w", budget_s=30)
 
 
+def test_an_object_store_that_throttles_is_waited_for_one_that_refuses_is_not():
+    """S3 answers as boto3 raises it (a PUT of a data file): throttling and 5xx are retried,
+    a refusal is not."""
+    from botocore.exceptions import ClientError
+
+    from pipeline.store.fs import is_transient
+
+    def answer(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    assert is_transient(answer("SlowDown", 503)) and is_transient(answer("InternalError", 500))
+    assert not is_transient(answer("AccessDenied", 403)) and not is_transient(answer("NoSuchBucket", 404))
+    replies = iter([answer("SlowDown", 503)])
+
+    def put():
+        reply = next(replies, None)
+        if reply:
+            raise reply
+        return "etag"
+
+    assert with_storage_retries(put, what="w", budget_s=30, sleep=lambda s: None) == "etag"
+    with pytest.raises(StorageError, match="^OUTPUT s3://b/o: cannot write data/x: .*AccessDenied"):
+        with_storage_retries(lambda: (_ for _ in ()).throw(answer("AccessDenied", 403)),
+                             what="OUTPUT s3://b/o: cannot write data/x", budget_s=30)
+
+
 def _probe_from_a_process(args: tuple[str, float, int]) -> list[str]:
     """One "run": wait for the common start instant, then probe OUTPUT `times` times."""
     from pipeline.job.run import check_output
