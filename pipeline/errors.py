@@ -52,6 +52,12 @@ class ErrorRateExceeded(JobError):
     exit_code = EXIT_ERROR_RATE
 
 
+class StorageError(DrnLabelError, OSError):
+    """A filesystem or object store refused a read or write (disk full, read-only, an I/O
+    error, an object store failing past its retries); the message names the path, the
+    cause and what was kept."""
+
+
 class UnreadableData(DrnLabelError, OSError):
     """A data file of OUTPUT (by its name, one of ours) is not readable Parquet."""
 

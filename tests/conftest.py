@@ -82,3 +82,57 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "e2e" in item.path.parts:
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB filesystem of its own (tmpfs) at tmp_path/"fs", to fill up and free, or to
+    make read-only (`small_fs.remount_read_only()`). Mounting needs root (CAP_SYS_ADMIN);
+    elsewhere the test is skipped, saying so."""
+    import subprocess
+
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.strip() or 'mount failed'}): "
+                    "the storage fault tests need root")
+    try:
+        yield SmallFs(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+class SmallFs:
+    """A mounted tmpfs: `fill()` takes every free byte (a filler file), `free()` gives it back."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+        self.filler = root / ".filler"
+
+    def fill(self) -> None:
+        chunk = b"\0" * (64 << 10)
+        with open(self.filler, "ab") as f:
+            try:
+                while True:
+                    f.write(chunk)
+                    f.flush()
+            except OSError:
+                pass
+        while True:  # the last partial chunk too: not even a small file fits now
+            try:
+                with open(self.filler, "ab") as f:
+                    f.write(b"\0" * 512)
+            except OSError:
+                return
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def mount_read_only(self, folder) -> None:
+        """Mount a read-only tmpfs over `folder` (inside this filesystem)."""
+        import subprocess
+
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)], check=True)

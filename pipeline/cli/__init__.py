@@ -103,7 +103,9 @@ class LazyGroup(click.Group):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
-        """The one error handler: domain errors become click's, with the right exit code."""
+        """The one error handler: domain errors become click's, with the right exit code. A
+        storage error that no layer translated (a full disk, an I/O error) is one line too;
+        -v shows its traceback."""
         try:
             return super().invoke(ctx)
         except UsageError as exc:
@@ -112,6 +114,12 @@ class LazyGroup(click.Group):
             raise CommandFailed(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:  # click would print "Aborted!" and exit 1
             raise CommandFailed("interrupted", EXIT_INTERRUPTED, prefix="") from None
+        except OSError as exc:
+            if ctx.params.get("verbose"):
+                raise
+            from pipeline.store.fs import os_error_text
+
+            raise CommandFailed(f"storage error: {os_error_text(exc)} (-v shows where)", 1) from None
 
 
 def envvar_name(command: str | None, option: click.Option) -> str:

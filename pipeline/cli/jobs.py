@@ -15,6 +15,10 @@ from pipeline.cluster.jobs import (POLL_S, TERMINAL, ClusterError, cluster_error
                                    submit_spec, wait_for)
 
 EXIT_INTERRUPTED = 130
+insecure_option = click.option(
+    "--insecure", is_flag=True,
+    help="Talk to a cluster that does not check tokens (only where something else guards it: "
+         "a private network, an authenticating proxy).")
 SECRET_NAME = re.compile(r"(?i)secret|token|password|passwd|credential|private|_key$|^AWS_ACCESS_KEY_ID$")
 
 
@@ -61,7 +65,8 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--follow", is_flag=True, help="Stream the job's logs until it ends (implies --wait).")
 @click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
               help="An environment variable for the job on the cluster (repeatable).")
-def submit(input_, output, job, wait, follow, env_pairs, **options) -> None:
+@insecure_option
+def submit(input_, output, job, wait, follow, env_pairs, insecure, **options) -> None:
     """Run a labelling job on a Ray cluster (the Ray Jobs API); print its submission id.
 
     Takes what `run` takes: a --job spec and/or INPUT OUTPUT and flags. INPUT, OUTPUT and
@@ -75,7 +80,7 @@ def submit(input_, output, job, wait, follow, env_pairs, **options) -> None:
     """
     env = _parse_env(env_pairs)
     spec = spec_from_cli(input_, output, job, **options)
-    client, url = connect(spec.address)
+    client, url = connect(spec.address, insecure=insecure)
     job_id = submit_spec(client, url, spec, env=env)
     click.echo(job_id)
     if not (wait or follow):
@@ -142,12 +147,12 @@ def _progress_line(info) -> str | None:
     return line
 
 
-def print_status(job_id: str, address: str | None) -> None:
+def print_status(job_id: str, address: str | None, *, insecure: bool = False) -> None:
     """The job's state, times and OUTPUT, plus the run's progress where OUTPUT is readable."""
     if not (address or os.environ.get("RAY_ADDRESS")):
         raise ClusterError(f"{job_id} is no OUTPUT here, and there is no Ray cluster to ask for a job "
                            f"of that id: pass --address http://HOST:8265 or set RAY_ADDRESS")
-    client, url = connect(address)
+    client, url = connect(address, insecure=insecure)
     with cluster_errors(url, job_id):
         info = client.get_job_info(job_id)
     meta = info.metadata or {}
@@ -173,9 +178,10 @@ def print_status(job_id: str, address: str | None) -> None:
 @click.argument("job_id", metavar="ID")
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
 @address_option
-def logs(job_id: str, follow: bool, address: str | None) -> None:
+@insecure_option
+def logs(job_id: str, follow: bool, address: str | None, insecure: bool) -> None:
     """Print the logs of submitted job ID (its driver's stdout and stderr)."""
-    client, url = connect(address)
+    client, url = connect(address, insecure=insecure)
     if follow:
         try:
             follow_logs(client, url, job_id)
@@ -193,12 +199,13 @@ def logs(job_id: str, follow: bool, address: str | None) -> None:
               help="Seconds to wait for the job to reach STOPPED.")
 @click.option("--no-wait", is_flag=True, help="Ask the job to stop and return at once.")
 @address_option
-def stop(job_id: str, timeout: float, no_wait: bool, address: str | None) -> None:
+@insecure_option
+def stop(job_id: str, timeout: float, no_wait: bool, address: str | None, insecure: bool) -> None:
     """Stop submitted job ID and wait until it is STOPPED.
 
     The labels it committed stay; rerunning the same spec labels only the rest.
     """
-    client, url = connect(address)
+    client, url = connect(address, insecure=insecure)
     with cluster_errors(url, job_id):
         info = client.get_job_info(job_id)
         if job_state(info) in TERMINAL:
@@ -223,9 +230,10 @@ def stop(job_id: str, timeout: float, no_wait: bool, address: str | None) -> Non
 @click.command("list", epilog=example("drn-label list --address http://head:8265"))
 @click.option("--all", "show_all", is_flag=True, help="Also list jobs that drn-label did not submit.")
 @address_option
-def list_jobs(show_all: bool, address: str | None) -> None:
+@insecure_option
+def list_jobs(show_all: bool, address: str | None, insecure: bool) -> None:
     """List the jobs submitted to the cluster, oldest first."""
-    client, url = connect(address)
+    client, url = connect(address, insecure=insecure)
     with cluster_errors(url):
         jobs = client.list_jobs()
     rows = []

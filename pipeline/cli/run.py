@@ -105,7 +105,9 @@ def _looks_like_output(target: str) -> bool:
 @click.option("--json", "as_json", is_flag=True,
               help="OUTPUT: print the progress as JSON (_state/progress.json's keys, plus host, "
                    "input and startup_s).")
-def status(target: str, address: str | None, as_json: bool) -> None:
+@click.option("--insecure", is_flag=True,
+              help="For a job id: talk to a cluster that does not check tokens (see `submit --insecure`).")
+def status(target: str, address: str | None, as_json: bool, insecure: bool) -> None:
     """How the last run on OUTPUT went or goes (state, counts, rate, ETA, when, where), or
     the state of a submitted job ID."""
     if not target.strip():
@@ -118,7 +120,7 @@ def status(target: str, address: str | None, as_json: bool) -> None:
         return
     from pipeline.cli.jobs import print_status
 
-    print_status(target, address)
+    print_status(target, address, insecure=insecure)
 
 
 @click.command(epilog=example("drn-label inspect labels/"))

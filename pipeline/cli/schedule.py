@@ -8,8 +8,8 @@ import click
 
 from pipeline import spec as specmod
 from pipeline.cli.options import example, parse_with
-from pipeline.cluster.manifests import (DEFAULT_DEADLINE_S, DEFAULT_TTL_S, KINDS, RenderOptions,
-                                        local_path_warning, render)
+from pipeline.cluster.manifests import (DEFAULT_DEADLINE_S, DEFAULT_OPERATOR_NAMESPACE, DEFAULT_TTL_S,
+                                        KINDS, RenderOptions, local_path_warning, render)
 
 
 @click.command(epilog=example(
@@ -38,10 +38,12 @@ from pipeline.cluster.manifests import (DEFAULT_DEADLINE_S, DEFAULT_TTL_S, KINDS
               show_default=True, help="Seconds a run may take (activeDeadlineSeconds).")
 @click.option("--ttl", "ttl_s", type=click.IntRange(min=0), default=DEFAULT_TTL_S, show_default=True,
               help="Seconds a finished run is kept (ttlSecondsAfterFinished).")
+@click.option("--operator-namespace", default=DEFAULT_OPERATOR_NAMESPACE, show_default=True,
+              help="Namespace of the KubeRay operator, which the NetworkPolicy lets reach the dashboard.")
 @click.option("--out", "out", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               default=None, help="Write the YAML here [default: stdout].")
 def schedule(job: Path, cron, time_zone, image, kind, namespace, name, address, gpus_per_node,
-             node_cpus, deadline_s, ttl_s, out: Path | None) -> None:
+             node_cpus, deadline_s, ttl_s, operator_namespace, out: Path | None) -> None:
     """Render the manifests that run a job spec on Kubernetes (or a `ray up` config)."""
     spec = specmod.load_spec(job)
     overrides = {"schedule_cron": cron, "schedule_time_zone": time_zone, "schedule_image": image,
@@ -53,7 +55,7 @@ def schedule(job: Path, cron, time_zone, image, kind, namespace, name, address, 
     if warning:
         click.echo(warning, err=True)
     options = RenderOptions(gpus_per_node=gpus_per_node, node_cpus=node_cpus, deadline_s=deadline_s,
-                            ttl_s=ttl_s)
+                            ttl_s=ttl_s, operator_namespace=operator_namespace)
     text = render(spec, kind or spec.schedule.kind, options)
     if out is None:
         sys.stdout.write(text)

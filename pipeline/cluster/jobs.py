@@ -14,6 +14,13 @@ by ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``. As `ray start` does, tok
 switched on when a token is found and ``RAY_AUTH_MODE`` is unset; ``RAY_AUTH_MODE=disabled``
 sends none. Every command first asks the dashboard for its version with a timeout, so an
 unreachable address or a refused token is one clear error within seconds.
+
+Closed by default: before anything else every command asks the cluster, without
+credentials, whether it checks tokens (``GET /api/authentication_mode``, public in Ray >=
+2.52; older dashboards: whether ``/api/version`` answers a caller without a token). A
+cluster that does not would run any entrypoint from anyone who reaches its dashboard, so
+the command refuses it unless the user passes ``insecure`` (``--insecure``: the cluster is
+protected some other way), and then sends it no token.
 """
 from __future__ import annotations
 
@@ -32,8 +39,8 @@ from pipeline import spec as specmod
 from pipeline.cluster.manifests import job_metadata, shipped_spec, spec_toml
 from pipeline.errors import DrnLabelError
 
-__all__ = ["ClusterError", "auth_headers", "connect", "dashboard_url", "exit_code_for",
-           "failure_reason", "follow_logs", "job_state", "submit_spec", "wait_for"]
+__all__ = ["ClusterError", "auth_headers", "authentication_mode", "connect", "dashboard_url",
+           "exit_code_for", "failure_reason", "follow_logs", "job_state", "submit_spec", "wait_for"]
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 CONNECT_TIMEOUT_S = 10.0
@@ -135,13 +142,13 @@ def _auth_failure(url: str, status: int, body: str) -> ClusterError | None:
     return None
 
 
-def probe(url: str, headers: dict[str, str]) -> str:
-    """Ask the dashboard for its Ray version (an authenticated call) within CONNECT_TIMEOUT_S."""
+def _get(url: str, path: str, headers: dict[str, str]):
+    """GET url + path within CONNECT_TIMEOUT_S; network failures are one-line ClusterErrors."""
     import requests
 
     try:
-        response = requests.get(f"{url}/api/version", headers=headers,
-                                timeout=(CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S))
+        return requests.get(f"{url}{path}", headers=headers,
+                            timeout=(CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S))
     except requests.exceptions.Timeout:
         raise _unreachable(url, f"no answer within {CONNECT_TIMEOUT_S:.0f} s") from None
     except requests.exceptions.ConnectionError as exc:
@@ -149,6 +156,34 @@ def probe(url: str, headers: dict[str, str]) -> str:
     except requests.exceptions.RequestException as exc:
         raise ClusterError(f"{url} is not a usable address: {network_reason(exc)}; check --address / "
                            f"RAY_ADDRESS") from None
+
+
+def authentication_mode(url: str) -> str:
+    """What the cluster asks of a caller, from a request without credentials: ``"token"``,
+    or ``"disabled"`` (it answers anyone). Ray >= 2.52 says so itself
+    (``/api/authentication_mode``, a public path); an older dashboard is asked for its
+    version without a token."""
+    response = _get(url, "/api/authentication_mode", {})
+    if response.status_code == 200:
+        try:
+            return str(response.json()["authentication_mode"])
+        except (ValueError, KeyError, TypeError):
+            pass  # not Ray's answer: the version probe below says what it is
+    response = _get(url, "/api/version", {})
+    return "token" if response.status_code in (401, 403) else "disabled"
+
+
+def refuse_open_cluster(url: str, mode: str) -> ClusterError:
+    return ClusterError(
+        f"the Ray cluster at {url} does not check tokens (authentication mode: {mode}): anyone "
+        f"who reaches it can run any command on it. Start it with token authentication "
+        f"(RAY_AUTH_MODE=token, or authOptions mode token on KubeRay; docs/clusters.md), or pass "
+        f"--insecure if it is protected some other way")
+
+
+def probe(url: str, headers: dict[str, str]) -> str:
+    """Ask the dashboard for its Ray version (an authenticated call) within CONNECT_TIMEOUT_S."""
+    response = _get(url, "/api/version", headers)
     failure = _auth_failure(url, response.status_code, response.text)
     if failure:
         raise failure
@@ -182,10 +217,14 @@ def cluster_errors(url: str, job_id: str | None = None) -> Iterator[None]:
         raise ClusterError(f"the Ray cluster at {url}: {text[:300]}") from None
 
 
-def connect(address: str | None):
-    """(JobSubmissionClient, dashboard URL), or a ClusterError within about 10 seconds."""
+def connect(address: str | None, *, insecure: bool = False):
+    """(JobSubmissionClient, dashboard URL), or a ClusterError within about 10 seconds. A
+    cluster that does not check tokens is refused unless `insecure` (module doc)."""
     url = dashboard_url(address)
-    headers = auth_headers()
+    mode = authentication_mode(url)
+    if mode != "token" and not insecure:
+        raise refuse_open_cluster(url, mode)
+    headers = auth_headers() if mode == "token" else {}  # no token for a cluster that ignores it
     probe(url, headers)
     from ray.job_submission import JobSubmissionClient
 

@@ -18,6 +18,13 @@ Kinds (``drn-label schedule --kind``):
 
 Scheduled runs are incremental because `run` is: each labels only the images without a
 row for the same model identity and records itself in ``OUTPUT/_state/runs/``.
+
+Closed by default: every Ray cluster checks a token (``authOptions.mode: token``); its
+dashboard listens on the head pod's own address (``$MY_POD_IP``), never ``0.0.0.0``; and a
+NetworkPolicy lets only the cluster's own pods, the pods that submit (the RayJob submitter,
+the CronJob's pod: label ``app.kubernetes.io/component: submitter``) and the KubeRay
+operator reach it. The CronJob's token secret is required: without it the pod does not
+start. The `ray up` head keeps its dashboard on 127.0.0.1 (``ray dashboard`` tunnels to it).
 """
 from __future__ import annotations
 
@@ -42,6 +49,11 @@ RAY_VERSION = "2.60.0"  # the Ray the images in deploy/Dockerfile are built on
 SPEC_DIR = "/etc/drn-label"
 SPEC_PATH = f"{SPEC_DIR}/job.toml"
 DASHBOARD_PORT = 8265
+DASHBOARD_AGENT_PORT = 52365  # Ray's default; the agent answers the raylet health check
+# The KubeRay operator polls RayJobs' dashboards; the NetworkPolicy admits it from here.
+DEFAULT_OPERATOR_NAMESPACE = "kuberay-system"
+# The pods of one rendered name, by role (app.kubernetes.io/component).
+HEAD, WORKER, SUBMITTER = "ray-head", "ray-worker", "submitter"
 # A run that outlives this is stopped (Kubernetes activeDeadlineSeconds); resumable anyway.
 DEFAULT_DEADLINE_S = 6 * 3600
 # Keep a finished RayJob (and its logs) this long before KubeRay deletes it.
@@ -142,8 +154,11 @@ def shipped_spec(spec: specmod.JobSpec) -> specmod.JobSpec:
 
 
 # -- Kubernetes objects ---------------------------------------------------------------------------
-def _labels(name: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "drn-label", "app.kubernetes.io/instance": name}
+def _labels(name: str, component: str | None = None) -> dict[str, str]:
+    labels = {"app.kubernetes.io/name": "drn-label", "app.kubernetes.io/instance": name}
+    if component:
+        labels["app.kubernetes.io/component"] = component
+    return labels
 
 
 def config_map(spec: specmod.JobSpec, name: str) -> dict:
@@ -176,9 +191,27 @@ def _ray_container(name: str, image: str, cpus: int | str, memory: str, gpus: in
         container["ports"] = [{"containerPort": 6379, "name": "gcs-server"},
                               {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
                               {"containerPort": 10001, "name": "client"}]
+        # The dashboard listens on the pod's own address (rayStartParams), so the health
+        # checks ask it there; KubeRay's own probes would ask localhost.
+        container["env"] = [{"name": "MY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+        container["readinessProbe"] = _head_probe(initial_delay_s=10, failures=10)
+        container["livenessProbe"] = _head_probe(initial_delay_s=30, failures=120)
     if mounts:
         container["volumeMounts"] = mounts
     return container
+
+
+# The raylet (through the dashboard agent, which listens on every address) and the GCS
+# (through the dashboard, on the pod's address): what KubeRay's own head probes check.
+HEAD_HEALTH_CHECK = (
+    f"wget -T 4 --tries 1 -q -O- http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz"
+    f" | grep success && wget -T 4 --tries 1 -q -O- http://$MY_POD_IP:{DASHBOARD_PORT}/api/gcs_healthz"
+    " | grep success")
+
+
+def _head_probe(*, initial_delay_s: int, failures: int) -> dict:
+    return {"exec": {"command": ["bash", "-c", HEAD_HEALTH_CHECK]}, "initialDelaySeconds": initial_delay_s,
+            "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": failures}
 
 
 def ray_cluster_spec(spec: specmod.JobSpec, name: str, *, cm_name: str | None, shape: ClusterShape,
@@ -204,7 +237,7 @@ def ray_cluster_spec(spec: specmod.JobSpec, name: str, *, cm_name: str | None, s
         "minReplicas": 0 if autoscale else shape.nodes,
         "maxReplicas": shape.nodes,
         "rayStartParams": {},
-        "template": {"spec": worker_pod},
+        "template": {"metadata": {"labels": _labels(name, WORKER)}, "spec": worker_pod},
     }
     auth: dict[str, str] = {"mode": "token"}
     if token_secret:
@@ -212,8 +245,9 @@ def ray_cluster_spec(spec: specmod.JobSpec, name: str, *, cm_name: str | None, s
     cluster: dict[str, Any] = {
         "rayVersion": RAY_VERSION,
         "authOptions": auth,
-        "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                          "template": {"metadata": {"labels": _labels(name)}, "spec": head_pod}},
+        # KubeRay runs `ray start` in bash, which expands $MY_POD_IP (the head container's env).
+        "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "$MY_POD_IP"},
+                          "template": {"metadata": {"labels": _labels(name, HEAD)}, "spec": head_pod}},
         "workerGroupSpecs": [group],
     }
     if autoscale:
@@ -241,7 +275,44 @@ def rayjob_spec(spec: specmod.JobSpec, name: str, cm_name: str, shape: ClusterSh
         # One submission per attempt: a resubmitting submitter would start a second
         # driver on the same OUTPUT (it would wait on the first one's lease).
         "submitterConfig": {"backoffLimit": 0},
+        "submitterPodTemplate": submitter_pod_template(spec, name),
         "rayClusterSpec": ray_cluster_spec(spec, name, cm_name=cm_name, shape=shape, autoscale=False),
+    }
+
+
+def submitter_pod_template(spec: specmod.JobSpec, name: str) -> dict:
+    """KubeRay's default submitter pod with the submitter label the NetworkPolicy admits
+    (KubeRay fills in the `ray job submit` command and the token)."""
+    return {"metadata": {"labels": _labels(name, SUBMITTER)},
+            "spec": {"restartPolicy": "Never", "containers": [{
+                "name": "ray-job-submitter", "image": spec.schedule.image,
+                "resources": {"limits": {"cpu": "1", "memory": "1Gi"},
+                              "requests": {"cpu": "500m", "memory": "200Mi"}}}]}}
+
+
+def network_policy(spec: specmod.JobSpec, name: str, operator_namespace: str) -> dict:
+    """Ingress to the Ray pods of `name`: from each other (every port), and to the
+    dashboard only from its submitters and the KubeRay operator (which polls RayJobs)."""
+    ray_pods = {"matchLabels": _labels(name),
+                "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In",
+                                      "values": [HEAD, WORKER]}]}
+    dashboard = [{"protocol": "TCP", "port": DASHBOARD_PORT}]
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": f"{name}-ray", "namespace": spec.schedule.namespace, "labels": _labels(name)},
+        "spec": {
+            "podSelector": ray_pods,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": ray_pods}]},
+                {"from": [{"podSelector": {"matchLabels": _labels(name, SUBMITTER)}}], "ports": dashboard},
+                {"from": [{"namespaceSelector": {"matchLabels": {
+                               "kubernetes.io/metadata.name": operator_namespace}},
+                           "podSelector": {"matchLabels": {
+                               "app.kubernetes.io/component": "kuberay-operator"}}}],
+                 "ports": dashboard},
+            ],
+        },
     }
 
 
@@ -286,8 +357,9 @@ def cronjob(spec, name, cm_name, *, deadline_s: int, ttl_s: int) -> dict:
         "command": ["drn-label", "submit", "--job", SPEC_PATH, "--wait"],
         "env": [
             {"name": "RAY_ADDRESS", "value": address},
+            # Required: a pod without the cluster's token must not start (it would be refused).
             {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
-                "name": token_secret_name(name), "key": "auth_token", "optional": True}}},
+                "name": token_secret_name(name), "key": "auth_token"}}},
         ],
         "resources": {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
         "volumeMounts": [mount],
@@ -298,7 +370,7 @@ def cronjob(spec, name, cm_name, *, deadline_s: int, ttl_s: int) -> dict:
         "backoffLimit": 0,
         "activeDeadlineSeconds": deadline_s,
         "ttlSecondsAfterFinished": ttl_s,
-        "template": {"metadata": {"labels": _labels(name)},
+        "template": {"metadata": {"labels": _labels(name, SUBMITTER)},
                      "spec": {"restartPolicy": "Never", "containers": [container],
                               "volumes": [volume]}},
     }
@@ -341,10 +413,11 @@ def launcher_config(spec: specmod.JobSpec, name: str, shape: ClusterShape, *,
         "head_node_type": "head",
         # The same token on every node and on your laptop (`ray get-auth-token --generate`).
         "file_mounts": {"~/.ray/auth_token": "~/.ray/auth_token"},
+        # The dashboard on the head's loopback only: `ray dashboard` reaches it through SSH.
         "head_start_ray_commands": [
             "ray stop",
             f"{start_env} ray start --head --port=6379 --object-manager-port=8076 "
-            "--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0",
+            "--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=127.0.0.1",
         ],
         "worker_start_ray_commands": [
             "ray stop",
@@ -364,6 +437,7 @@ class RenderOptions:
     instance_type: str = "g5.2xlarge"
     head_instance_type: str = "m5.2xlarge"
     region: str = "us-west-2"
+    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
 
 
 def render_objects(spec: specmod.JobSpec, kind: str, options: RenderOptions = RenderOptions()) -> list[dict]:
@@ -376,17 +450,19 @@ def render_objects(spec: specmod.JobSpec, kind: str, options: RenderOptions = Re
     name = job_name(spec)
     shape = cluster_shape(spec, gpus_per_node=options.gpus_per_node, node_cpus=options.node_cpus)
     run_kw = dict(deadline_s=options.deadline_s, ttl_s=options.ttl_s, backoff_limit=options.backoff_limit)
+    policy = network_policy(spec, name, options.operator_namespace)
     if kind == "raycluster":
-        return [raycluster(spec, name, shape)]
+        return [raycluster(spec, name, shape), policy]
     if kind == "launcher":
         return [launcher_config(spec, name, shape, instance_type=options.instance_type,
                                 head_instance_type=options.head_instance_type, region=options.region)]
     cm = config_map(spec, name)
     cm_name = cm["metadata"]["name"]
     if kind == "rayjob":
-        return [cm, rayjob(spec, name, cm_name, shape, **run_kw)]
+        return [cm, rayjob(spec, name, cm_name, shape, **run_kw), policy]
     if kind == "raycronjob":
-        return [cm, raycronjob(spec, name, cm_name, shape, **run_kw)]
+        return [cm, raycronjob(spec, name, cm_name, shape, **run_kw), policy]
+    # The CronJob's pods carry the submitter label that the RayCluster's policy admits.
     return [cm, cronjob(spec, name, cm_name, deadline_s=options.deadline_s, ttl_s=options.ttl_s)]
 
 
@@ -400,7 +476,9 @@ _NOTES = {
     "raycluster": "A long-lived cluster for `--kind cronjob` and `drn-label submit`. Its token is the\n"
                   "Secret {secret} (key auth_token); create it first:\n"
                   "  kubectl -n {namespace} create secret generic {secret} \\\n"
-                  "    --from-literal=auth_token=$(openssl rand -hex 32)",
+                  "    --from-literal=auth_token=$(openssl rand -hex 32)\n"
+                  "Its dashboard admits only pods labelled app.kubernetes.io/component=submitter\n"
+                  "(the CronJob's) and the KubeRay operator: see docs/clusters.md to submit by hand.",
     "launcher": "For `ray up` on AWS (not Kubernetes). Token auth: run `ray get-auth-token --generate`\n"
                 "first; the token file is copied to every node. Then: `ray dashboard THIS_FILE` and\n"
                 "`drn-label submit --address http://127.0.0.1:8265 --job SPEC --wait`.",
@@ -411,7 +489,11 @@ def _yaml_dumper():
     import yaml
 
     class Dumper(yaml.SafeDumper):
-        """Multi-line strings (the spec in the ConfigMap) as literal blocks, readable in kubectl."""
+        """Multi-line strings (the spec in the ConfigMap) as literal blocks, readable in kubectl;
+        a value used twice is written twice (no YAML anchors)."""
+
+        def ignore_aliases(self, data) -> bool:
+            return True
 
     def text(dumper, value: str):
         style = "|" if "\n" in value else None

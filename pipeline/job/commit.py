@@ -9,29 +9,71 @@ writer of a shard is a Ray actor that
 - buffers the shard's labelled rows and commits them as one Parquet file whenever
   `rows_per_file` rows are waiting or the oldest has waited `commit_interval_s`, so
   commits keep pace with labelling at any N and whatever else competes for the CPUs;
-- drops a row whose image id this run already buffered or committed (a repeated input,
-  a retried write task), so each image is committed once;
+- drops a row whose image id this run already has, so each image is committed once: the
+  skip stage drops an id's later rows within one block of the input (its first row wins;
+  they are never decoded), and the writer drops a row whose id it already buffered or
+  committed (the same id further apart in the input, a retried write task: the row that
+  reaches the writer first wins), and the rows of one table after an id's first;
 - checks OUTPUT's lease (run id and generation) before every commit: a run that lost it
-  commits nothing more.
+  commits nothing more;
+- keeps its rows until their file is written: a storage error (a full disk, an I/O error,
+  a failing object store) is retried with backoff for a bounded time
+  (`pipeline.store.fs.with_storage_retries`), the rows staying in the buffer, and new rows
+  wait meanwhile (so memory stays bounded); past the budget the writer fails and every
+  later hand-over raises the `StorageError`, which fails the run with one line.
 
 The uncommitted rows of a run are therefore at most one file's worth per shard plus the
-batches in flight.
+batches in flight, and `finish` says how many rows the writer accepted and committed, so
+the run can never report success with rows missing.
 """
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.store.fs import write_table_atomic
+from pipeline.errors import JobError, StorageError
+from pipeline.store.fs import storage_retry_s, with_storage_retries, write_table_atomic
 from pipeline.store.lease import LeaseLost, check_lease
 from pipeline.store.output import data_file_name
 from pipeline.store.reconcile import shard_of
 
 COMMIT_INTERVAL_S = 15.0
 """A shard commits its buffered rows at the latest this long after the oldest arrived."""
+LABEL, DONE, DUPLICATE = 0, 1, 2
+"""What the skip stage does with an input row: label it, skip it (OUTPUT has it), drop it
+(an earlier row of the same block has its image id)."""
+
+
+def _wraps(exc: BaseException | None, classes: tuple[type, ...]) -> bool:
+    """Whether `exc` is, or wraps (Ray's task errors, chained causes), one of `classes`."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, classes):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return False
+
+
+class _WriterFailures(logging.Filter):
+    """Ray Data logs a failed write task's traceback (and calls it an internal error) before
+    it raises the error; a writer's lost lease or storage failure is reported by the run as
+    one line, so it is not logged too. Ray Data logs from inside its `except` block, so the
+    exception is the record's, or the one being handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return not _wraps(exc, (LeaseLost, StorageError))
+
+
+# Once, at import (as the planning stages' warning filter): the loggers that report it.
+for _name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+    logging.getLogger(_name).addFilter(_WriterFailures())
 
 
 @dataclass(frozen=True)
@@ -53,6 +95,9 @@ class ShardResult:
     lost: str | None  # why the lease was lost, if it was
     existing: int  # this identity's rows found in OUTPUT at the start
     existing_duplicates: int  # of which repeat an image id (an earlier run was interrupted)
+    failed: str | None = None  # a storage error that outlasted its retries
+    accepted: int = 0  # rows new to this run that were handed over
+    uncommitted: int = 0  # of which no file holds (a lost lease, a storage failure)
 
 
 class ShardWriter:
@@ -60,12 +105,14 @@ class ShardWriter:
 
     def __init__(self, *, output: str, run_id: str, generation: int | None, shard: int,
                  schema: pa.Schema, rows_per_file: int, commit_interval_s: float,
-                 done_refs: list, skip_status: tuple[str, ...], counter=None) -> None:
+                 done_refs: list, skip_status: tuple[str, ...], counter=None,
+                 storage_retry_s: float | None = None) -> None:
         import ray
 
         self.output, self.run_id, self.generation, self.shard = output, run_id, generation, shard
         self.schema, self.rows_per_file = schema, rows_per_file
         self.commit_interval_s, self.counter = commit_interval_s, counter
+        self.storage_retry_s = storage_retry_s
         existing = skip = 0
         done: set[str] = set()
         self.skip: set[str] = set()
@@ -84,18 +131,37 @@ class ShardWriter:
         del done, skip
         self.seen: set[str] = set()  # buffered or committed by this run
         self.repeated = 0  # rows dropped because this run already had their image id
+        self.duplicates = 0  # input rows the skip stage dropped (an earlier row has the id)
+        self._count_lock = threading.Lock()  # never held while committing
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.first_t: float | None = None
         self.files: list[CommittedFile] = []
+        self.accepted = 0  # rows new to this run that were handed over
         self.lost: str | None = None
+        self.failed: str | None = None  # a storage error that outlasted its retries
         self._lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._timer, name="drn-label-commit", daemon=True).start()
 
     # -- the skip stage ----------------------------------------------------------------------
-    def to_label(self, image_ids: list[str]) -> list[bool]:
-        return [i not in self.skip for i in image_ids]
+    def to_label(self, image_ids: list[str]) -> list[int]:
+        """LABEL, DONE or DUPLICATE for each id of one block (in the input's order): an id's
+        first row is labelled unless OUTPUT has it; its later rows are duplicates."""
+        answer, first = [], set()
+        for image_id in image_ids:
+            if image_id in self.skip:
+                answer.append(DONE)
+            elif image_id in first:
+                answer.append(DUPLICATE)
+            else:
+                first.add(image_id)
+                answer.append(LABEL)
+        duplicates = answer.count(DUPLICATE)
+        if duplicates:
+            with self._count_lock:
+                self.duplicates += duplicates
+        return answer
 
     # -- the write stage ---------------------------------------------------------------------
     def add(self, table: pa.Table) -> int:
@@ -104,15 +170,21 @@ class ShardWriter:
         with self._lock:
             if self.lost:
                 raise LeaseLost(self.lost)
+            if self.failed:
+                raise StorageError(self.failed)
             ids = table.column("image_id").to_pylist()
-            new = [k for k, i in enumerate(ids) if i not in self.seen]
+            new = []
+            for k, image_id in enumerate(ids):  # the first row of an id wins, in table order
+                if image_id not in self.seen:
+                    self.seen.add(image_id)
+                    new.append(k)
             self.repeated += len(ids) - len(new)
             if len(new) < len(ids):
                 table = table.take(pa.array(new, pa.int64()))
-            self.seen.update(table.column("image_id").to_pylist())
             if table.num_rows:
                 self.buffer.append(table)
                 self.buffered += table.num_rows
+                self.accepted += table.num_rows
                 self.first_t = self.first_t or time.time()
             if self.buffered >= self.rows_per_file:
                 self._commit()
@@ -121,24 +193,33 @@ class ShardWriter:
     def _timer(self) -> None:
         while not self._stop.wait(0.25):
             with self._lock:
-                if self.buffered and not self.lost and \
+                if self.buffered and not (self.lost or self.failed) and \
                         time.time() - (self.first_t or 0) >= self.commit_interval_s:
                     try:
                         self._commit()
-                    except LeaseLost:
-                        pass
+                    except (LeaseLost, StorageError):
+                        pass  # recorded in self.lost / self.failed; the run reports it
 
     def _commit(self) -> None:
-        """Commit the buffer as one file (the caller holds the lock)."""
+        """Commit the buffer as one file (the caller holds the lock). The rows leave the
+        buffer only once the file is written; the lease is checked before every attempt."""
         table = pa.concat_tables(self.buffer).cast(self.schema).sort_by("image_id")
-        self.buffer, self.buffered, self.first_t = [], 0, None
-        try:
+        name = data_file_name(self.run_id, table.column("image_id").to_pylist())
+
+        def attempt() -> None:
             check_lease(self.output, self.run_id, self.generation)
+            write_table_atomic(self.output, name, table)
+
+        try:
+            with_storage_retries(attempt, what=f"OUTPUT {self.output}: cannot write {name}",
+                                 budget_s=self.storage_retry_s)
         except LeaseLost as exc:
             self.lost = str(exc)
             raise
-        name = data_file_name(self.run_id, table.column("image_id").to_pylist())
-        write_table_atomic(self.output, name, table)
+        except StorageError as exc:
+            self.failed = str(exc)
+            raise
+        self.buffer, self.buffered, self.first_t = [], 0, None
         errors = sum(1 for s in table.column("status").to_pylist() if s != "ok")
         self.files.append(CommittedFile(file=name, rows=table.num_rows, ok=table.num_rows - errors,
                                         errors=errors))
@@ -149,17 +230,31 @@ class ShardWriter:
                 pass
 
     def finish(self) -> ShardResult:
-        """Commit what is left; what this shard did."""
+        """Commit what is left; what this shard did. ``uncommitted`` counts the rows it
+        accepted and could not commit (a lost lease, a storage failure): never silently 0."""
         self._stop.set()
         with self._lock:
-            if self.buffered and not self.lost:
+            if self.buffered and not (self.lost or self.failed):
                 try:
                     self._commit()
-                except LeaseLost:
+                except (LeaseLost, StorageError):
                     pass
-            return ShardResult(files=tuple(self.files), repeated=self.repeated, lost=self.lost,
-                               existing=self.existing,
-                               existing_duplicates=self.existing_duplicates)
+            committed = sum(f.rows for f in self.files)
+            return ShardResult(files=tuple(self.files), repeated=self.repeated + self.duplicates,
+                               lost=self.lost, existing=self.existing,
+                               existing_duplicates=self.existing_duplicates, failed=self.failed,
+                               accepted=self.accepted, uncommitted=self.accepted - committed)
+
+
+def uncommitted_error(cause: str, committed_ok: int, committed_errors: int, committed_files: int,
+                      uncommitted: int | None = None) -> JobError:
+    """The one line a run ends with when labelled rows could not be committed: the cause
+    (which names OUTPUT), what this run committed there, and what to do."""
+    missing = f"{uncommitted} labelled rows were not committed; " if uncommitted else ""
+    return JobError(f"{cause}; OUTPUT holds {committed_ok + committed_errors} rows of this run "
+                    f"({committed_ok} ok, {committed_errors} errors) in {committed_files} file(s), "
+                    f"each complete; {missing}rerun the same command once the storage works again "
+                    "to label the rest")
 
 
 def start_shard_writers(shards: int, **kwargs) -> list:
@@ -170,6 +265,7 @@ def start_shard_writers(shards: int, **kwargs) -> list:
 
     actor = ray.remote(num_cpus=0, max_concurrency=16)(ShardWriter)
     done_refs = kwargs.pop("done_refs")
+    kwargs.setdefault("storage_retry_s", storage_retry_s())  # the driver's setting, not the actor's
     here = driver_node()
     return [actor.options(scheduling_strategy=here).remote(shard=k, done_refs=done_refs[k], **kwargs)
             for k in range(shards)]
@@ -208,24 +304,28 @@ def load_done_set(output: str, files: list[str], meta, shards: int,
 
 
 def skip_done(batch: pa.Table, *, writers: list, counter=None) -> pa.Table:
-    """The skip stage: drop the rows whose image id the shard's done set holds."""
+    """The skip stage: drop the rows whose image id the shard's done set holds, and the
+    later rows of an id within this block (its first row wins). Inputs are counted once
+    per image id: a duplicate row is neither listed nor skipped (the writers count it)."""
     import ray
 
     ids = batch.column("image_id").to_pylist()
     parts = shard_of(ids, len(writers))
-    keep = [True] * len(ids)
+    answer = [LABEL] * len(ids)
     by_shard: dict[int, list[int]] = {}
     for row, shard in enumerate(parts):
         by_shard.setdefault(shard, []).append(row)
     answers = {shard: writers[shard].to_label.remote([ids[r] for r in rows])
                for shard, rows in by_shard.items()}
     for shard, rows in by_shard.items():
-        for row, label in zip(rows, ray.get(answers[shard])):
-            keep[row] = label
-    todo = batch.filter(pa.array(keep, pa.bool_()))
+        for row, code in zip(rows, ray.get(answers[shard])):
+            answer[row] = code
+    todo = batch.filter(pa.array([code == LABEL for code in answer], pa.bool_()))
     if counter is not None:
         try:
-            counter.add_listed.remote(batch.num_rows, batch.num_rows - todo.num_rows)
+            duplicates = answer.count(DUPLICATE)
+            counter.add_listed.remote(batch.num_rows - duplicates,
+                                       batch.num_rows - duplicates - todo.num_rows)
         except Exception:  # noqa: BLE001
             pass
     return todo

@@ -11,6 +11,7 @@ and the run record agree. The ETA comes from `EtaEstimator`.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import sys
 import threading
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, TextIO
 
+log = logging.getLogger(__name__)
 
 
 def utc_now() -> str:
@@ -241,6 +243,9 @@ class ProgressReporter:
         self.update(label_s)
         self.progress.state = state
         self.progress.eta_s = 0.0 if state == "finished" else self.progress.eta_s
-        self.save(self.progress)
+        try:
+            self.save(self.progress)
+        except OSError as exc:  # a full disk must not hide why the run ends
+            log.warning("cannot save the run's progress: %s", " ".join(str(exc).split()))
         self._emit(final=True)
         return self.progress

@@ -22,16 +22,17 @@ from typing import Callable, TextIO
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.errors import EXIT_ERROR_RATE, EXIT_OK, Interrupted, JobError, stop_exit_code
+from pipeline.errors import (EXIT_ERROR_RATE, EXIT_OK, Interrupted, JobError, StorageError,
+                             stop_exit_code)
 from pipeline.job.model import describe_model
 from pipeline.job.precheck import check_inputs, nothing_to_do
 from pipeline.job.progress import Progress, ProgressReporter, format_duration
 from pipeline.job.stages import RowIdentity
 from pipeline.spec import JobSpec
-from pipeline.store.fs import resolve, write_bytes_atomic
+from pipeline.store.fs import os_error_text, probe_writable, resolve, write_bytes_atomic
 from pipeline.store.lease import Lease, LeaseLost, acquire_lease
-from pipeline.store.output import (PROGRESS_FILE, RUNS_DIR, OutputMetadata, data_files,
-                                   foreign_files, schema_with_metadata)
+from pipeline.store.output import (DATA_DIR, PROGRESS_FILE, RUNS_DIR, STATE_DIR, OutputMetadata,
+                                   data_files, foreign_files, schema_with_metadata)
 from pipeline.store.reconcile import clean_tmp, drop_replaced_rows, remove_identity_rows
 from pipeline.store.sources import (InputError, InputPlan, must_list_something, no_inputs_error,
                                     plan_inputs)
@@ -61,6 +62,7 @@ class RunResult:
     errors: int = 0
     files: list[str] = field(default_factory=list)
     files_committed: int = 0  # known from progress when the run did not finish
+    duplicates: int = 0  # input rows dropped: an earlier row had their image id (one row kept)
     startup_s: float = 0.0
     label_s: float = 0.0
     wall_s: float = 0.0
@@ -105,17 +107,17 @@ def new_run_id() -> str:
 
 # -- fail-fast checks ---------------------------------------------------------------------
 def check_output(output: str) -> None:
-    """OUTPUT must be a directory we can write, or not exist yet."""
+    """OUTPUT must be a directory we can write, or not exist yet: its data and state folders
+    are probed now (under names no other run uses), not found read-only at the first commit."""
     fs, root = resolve(output)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         raise JobError(f"OUTPUT {output} is a file; give a directory (it is created if missing)")
-    try:
-        fs.create_dir(root, recursive=True)
-        write_bytes_atomic(output, "_write_check", b"ok")
-        fs.delete_file(f"{root}/_write_check")
-    except OSError as exc:
-        raise JobError(f"OUTPUT {output} is not writable: {' '.join(str(exc).split())}") from None
+    for folder in (DATA_DIR, STATE_DIR):
+        try:
+            probe_writable(output, folder)
+        except OSError as exc:
+            raise JobError(f"OUTPUT {output} is not writable: {os_error_text(exc)}") from None
 
 
 # -- Ray ------------------------------------------------------------------------------------
@@ -157,11 +159,41 @@ def ensure_ray(address: str | None) -> bool:
         # variables are already in it); without a runtime_env they are the workers Ray
         # starts with the node, not new ones started for the job.
         os.environ.setdefault("OMP_WAIT_POLICY", env_vars["OMP_WAIT_POLICY"])
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 logging_level=level)
+        full = ray_temp_full()
+        if full:  # Ray would wait half a minute for files it cannot write, then fail
+            raise JobError(f"cannot start a local Ray: {full}")
+        try:
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                     logging_level=level)
+        except Exception as exc:  # noqa: BLE001 - Ray's start-up failures are its internals' tracebacks
+            raise JobError(f"cannot start a local Ray: {ray_start_failure(exc)}") from None
     if callable(own_sigterm):
         signal.signal(signal.SIGTERM, own_sigterm)
     return True
+
+
+def ray_temp_full() -> str | None:
+    """Why Ray's temp folder (RAY_TMPDIR, else the system's) cannot hold a local Ray's
+    session (its logs, sockets and spilled objects), or None: under 64 MiB free."""
+    import shutil
+    import tempfile
+
+    temp = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    try:
+        free = shutil.disk_usage(temp).free
+    except OSError:
+        return None
+    if free >= 64 << 20:
+        return None
+    return (f"its temp folder {temp} has {free >> 20} MiB free; free some space there, or point "
+            "RAY_TMPDIR at a disk that has some")
+
+
+def ray_start_failure(exc: BaseException) -> str:
+    """Why a local Ray did not start, in one line (a disk that filled meanwhile, else the
+    last line of Ray's own message)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return ray_temp_full() or (lines[-1][:300] if lines else type(exc).__name__)
 
 
 def cluster_size() -> tuple[float, float]:
@@ -438,7 +470,11 @@ class LeasedRun:
             save=self.save_progress, stream=ctx.stream).start()
 
     def label(self) -> None:
-        """Run the Ray Data graph to its end; a lost lease and bad input become JobErrors."""
+        """Run the Ray Data graph to its end; a lost lease, bad input and storage that kept
+        failing become JobErrors."""
+        import ray
+
+        from pipeline.job.commit import uncommitted_error
         from pipeline.job.sink import LabelDatasink
 
         ctx = self.ctx
@@ -446,12 +482,17 @@ class LeasedRun:
         try:
             build_dataset(self.spec, ctx.plan, ctx.meta, ctx.run_id, self.writers,
                           self.counter, self.feed).write_datasink(sink, ray_remote_args={"num_cpus": 0})
-        except Exception as exc:  # noqa: BLE001 - a lost lease and bad input are translated
+        except Exception as exc:  # noqa: BLE001 - a lost lease, bad input, storage are translated
             for cls in (LeaseLost, InputError):
                 cause = _find_cause(exc, cls)
                 if cause is not None:
                     raise (_lost(ctx, str(cause).split(":")[0]) if cls is LeaseLost
                            else JobError(str(cause))) from None
+            cause = _find_cause(exc, StorageError)
+            if cause is not None:
+                snap = ray.get(self.counter.snapshot.remote(), timeout=30)
+                raise uncommitted_error(str(cause), snap["committed_ok"], snap["committed_errors"],
+                                        snap["committed_files"]) from None
             raise
         self.result.label_s = time.time() - self.t_label
 
@@ -459,6 +500,8 @@ class LeasedRun:
         """The writers commit what they still hold; count what was committed. Returns the
         writers' ShardResults."""
         import ray
+
+        from pipeline.job.commit import uncommitted_error
 
         ctx, result = self.ctx, self.result
         shard_results = ray.get([w.finish.remote() for w in self.writers])
@@ -472,13 +515,18 @@ class LeasedRun:
         lost = next((r.lost for r in shard_results if r.lost), None) or ctx.lease.lost
         if lost is not None:
             raise _lost(ctx, lost.split(":")[0])
+        uncommitted = sum(r.uncommitted for r in shard_results)
+        if uncommitted:  # rows the writers accepted and could not commit: never a success
+            failed = next((r.failed for r in shard_results if r.failed), None)
+            raise uncommitted_error(failed or f"OUTPUT {ctx.output}: labelled rows were not committed",
+                                    result.ok, result.errors, len(result.files), uncommitted)
         if result.inputs == 0 and must_list_something(ctx.plan):
             raise JobError(str(no_inputs_error(ctx.plan)))
-        repeated = sum(r.repeated for r in shard_results)
+        repeated = result.duplicates = sum(r.repeated for r in shard_results)
         if repeated:
-            ctx.echo(f"warning: input {self.spec.input}: {repeated} rows repeated an image_id "
-                     f"already labelled in this run; each image_id was labelled once (give each "
-                     f"row its own image_id)")
+            ctx.echo(f"warning: input {self.spec.input}: {repeated} rows repeated the image_id of "
+                     f"another row; one row of each image_id was labelled and kept, the first "
+                     f"(give each row its own image_id)")
         return shard_results
 
     def reconcile(self, shard_results: list) -> None:
@@ -528,7 +576,11 @@ class LeasedRun:
         result.state = state
         result.wall_s = time.time() - self.ctx.t_start
         if not self.ctx.lease.lost:  # a run that lost the lease writes nothing more into OUTPUT
-            self.write_record()
+            try:
+                self.write_record()
+            except OSError as exc:  # the storage failure itself is what the run reports
+                self.ctx.echo(f"warning: cannot write the run record {RUNS_DIR}/"
+                              f"{self.ctx.run_id}.json: {os_error_text(exc)}")
 
     # -- records -----------------------------------------------------------------------------
     def save_progress(self, progress: Progress) -> None:
@@ -595,6 +647,7 @@ def _record(spec: JobSpec, meta: OutputMetadata, result: RunResult, t_start: flo
                   "weights_sha256": meta.weights_sha256, "num_classes": meta.num_classes},
         "counts": {"inputs": result.inputs, "skipped_existing": result.skipped,
                    "to_label": result.to_label, "ok": result.ok, "errors": result.errors,
+                   "duplicates": result.duplicates,
                    "files": max(len(result.files), result.files_committed)},
         "timings": {"started_at": datetime.fromtimestamp(t_start, timezone.utc).isoformat(),
                     "wall_s": round(result.wall_s, 3), "startup_s": round(result.startup_s, 3),

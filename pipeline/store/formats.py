@@ -1,5 +1,6 @@
 """Mask encodings of labelling tools, both directions, side by side: Label Studio's brush
-RLE and COCO's RLE / polygons, plus the mask PNG naming that exports and imports share.
+RLE and COCO's RLE / polygons, plus the file names derived from image ids that exports
+and imports share.
 
 Exports (`pipeline.tools.export`) encode OUTPUT's masks with these; imports
 (`pipeline.training.importer`) decode what annotators send back. Keeping each pair in
@@ -8,7 +9,9 @@ Ray-free and Parquet-free; pycocotools does COCO's RLE arithmetic.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import hashlib
+import re
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -19,17 +22,119 @@ def classes_present(mask: np.ndarray, num_classes: int) -> list[int]:
     return np.flatnonzero(counts).tolist()
 
 
-def mask_png_name(image_id: str, *, keep_extension: bool = False) -> str:
-    """Relative PNG path for an image id: subfolders kept, the extension replaced by .png
-    (``a/b.jpg`` -> ``a/b.png``; with `keep_extension`, ``a/b.jpg.png``). Never leaves the
-    folder it is joined to: empty, ``.`` and ``..`` parts of ids taken from manifests are
-    dropped or renamed."""
+# -- file names from image ids ------------------------------------------------------------------
+# Every export (PNG, YOLO, CVAT) and the import of a PNG folder name files after image ids
+# the same way: the id's path with the extension dropped (``a/b.jpg`` -> ``a/b``), made safe,
+# then the format's suffix (``.png``, ``.txt``). Safe: never outside the folder (empty, ``.``
+# and ``..`` parts), no control characters (a newline would split CVAT's image list), no
+# part longer than MAX_PART_BYTES (NAME_MAX is 255 bytes) and no name longer than
+# MAX_NAME_BYTES (PATH_MAX is 4096 with the export folder's own path in front). A part that
+# had to be shortened, or that already looks like a shortened one, becomes its first bytes +
+# ``~`` + a digest, so the two kinds never meet. Where two exported ids would still share a
+# name (``a.jpg`` and ``a.png``; ``A.jpg`` and ``a.jpg`` on a case-insensitive disk; ``a.png``
+# beside a folder ``a.png/``), each of them gets ``~`` + the digest of its id (`ExportNames`).
+MAX_PART_BYTES = 200
+MAX_NAME_BYTES = 1000
+DIGEST_CHARS = 12
+NAME_SUFFIXES = (".png", ".txt")
+"""Suffixes the exports add to a name; a folder named like one of them beside the name is a clash."""
+_DIGESTED = re.compile(r"~[0-9a-f]{%d}" % DIGEST_CHARS, re.IGNORECASE)
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def name_digest(text: str) -> str:
+    """A short stable digest of `text` (blake2b), the same in every process and version."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=DIGEST_CHARS // 2).hexdigest()
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text`'s first `limit` UTF-8 bytes, never splitting a character."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def _safe_part(part: str) -> str:
+    part = _UNSAFE.sub("_", part)
+    if len(part.encode("utf-8")) > MAX_PART_BYTES or _DIGESTED.search(part):
+        return _cut(part, MAX_PART_BYTES - DIGEST_CHARS - 1) + "~" + name_digest(part)
+    return part
+
+
+def id_name(image_id: str, *, keep_extension: bool = False) -> str:
+    """The safe relative name of an image id, without a suffix: ``a/b.jpg`` -> ``a/b`` (with
+    `keep_extension`, ``a/b.jpg``). A pure function of the id; see `ExportNames` for ids
+    that share a name."""
     parts = [p for p in image_id.replace("\\", "/").split("/") if p not in ("", ".")]
     parts = ["__" if p == ".." else p for p in parts] or ["image"]
     stem, dot, _ = parts[-1].rpartition(".")
     if not keep_extension and dot and stem:
         parts[-1] = stem
-    return "/".join(parts) + ".png"
+    name = "/".join(_safe_part(p) for p in parts)
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:  # too deep: flat, under the id's digest
+        name = _cut(_UNSAFE.sub("_", parts[-1]), MAX_PART_BYTES - DIGEST_CHARS - 1) + "~" + name_digest(image_id)
+    return name
+
+
+def mask_png_name(image_id: str, *, keep_extension: bool = False) -> str:
+    """Relative PNG path for an image id (`id_name` + ``.png``): ``a/b.jpg`` -> ``a/b.png``
+    (with `keep_extension`, ``a/b.jpg.png``). Never leaves the folder it is joined to."""
+    return id_name(image_id, keep_extension=keep_extension) + ".png"
+
+
+class ExportNames:
+    """File names of one export's image ids, unique and the same in every format.
+
+    Built from every id the export will write (one pass over the ids before the masks):
+    an id's name is `id_name` unless another id of the export shares it, compared without
+    letter case, or a folder of another id's name is that name plus a suffix
+    (``a.png`` beside ``a.png/b.jpg``); then each of them is ``name~<digest of the id>``.
+    The name depends on the id and the set of ids, not on their order. An id that occurs
+    more than once (an OUTPUT written before duplicates were reconciled) is exported once:
+    `first` says whether a row is the first of its id.
+
+    Memory: four 8-byte hashes per id while building, then only the clashing names."""
+
+    def __init__(self, image_ids: Iterable[str]) -> None:
+        from array import array
+
+        ids, names, suffixed, folders = array("q"), array("q"), array("q"), array("q")
+        for image_id in image_ids:
+            name = id_name(image_id).casefold()
+            ids.append(hash(image_id))
+            names.append(hash(name))
+            for suffix in NAME_SUFFIXES:
+                suffixed.append(hash(name + suffix))
+            slash = name.find("/")
+            while slash >= 0:
+                folders.append(hash(name[:slash]))
+                slash = name.find("/", slash + 1)
+        ids_np = np.frombuffer(ids, np.int64) if ids else np.zeros(0, np.int64)
+        distinct, first, counts = np.unique(ids_np, return_index=True, return_counts=True)
+        self._repeated = set(distinct[counts > 1].tolist())
+        names_np = (np.frombuffer(names, np.int64) if names else np.zeros(0, np.int64))[first]
+        values, counts = np.unique(names_np, return_counts=True)
+        clashing = set(values[counts > 1].tolist())
+        if folders:
+            per_id = (np.frombuffer(suffixed, np.int64).reshape(-1, len(NAME_SUFFIXES)))[first]
+            beside = np.isin(per_id, np.frombuffer(folders, np.int64)).any(axis=1)
+            clashing.update(names_np[beside].tolist())
+        self._clashing = clashing
+        self._seen: set[str] = set()
+
+    def name(self, image_id: str) -> str:
+        """The id's relative name without a suffix (``a/b`` or ``a/b~0123456789ab``)."""
+        name = id_name(image_id)
+        if hash(name.casefold()) in self._clashing:
+            name += "~" + name_digest(image_id)
+        return name
+
+    def first(self, image_id: str) -> bool:
+        """True the first time an id is asked about (and for any id that occurs once)."""
+        if hash(image_id) not in self._repeated:
+            return True
+        if image_id in self._seen:
+            return False
+        self._seen.add(image_id)
+        return True
 
 
 # -- COCO ------------------------------------------------------------------------------------

@@ -5,12 +5,22 @@
 ``write_bytes_atomic`` are the one way the project writes a file into OUTPUT: readers see
 all of it or nothing (local: a temporary file renamed into place; S3: one PutObject; GCS:
 one upload, which the store makes visible only when it is complete).
+
+Storage that fails (a full disk, an I/O error, a throttled or failing object store) is
+retried by `with_storage_retries` with backoff for a bounded time (`storage_retry_s`), then
+reported as one `StorageError` line; what cannot succeed by waiting (no permission, a
+read-only filesystem, a missing bucket) fails at once. `probe_writable` checks a folder at
+the start of a run under a name no other run uses.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
+import time
+import uuid
+from typing import Callable, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
@@ -18,6 +28,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from drn.io import atomic_write
+from pipeline.errors import StorageError
+
+T = TypeVar("T")
 
 SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 OBJECT_STORES = ("s3", "gs")
@@ -199,6 +212,118 @@ def write_bytes_atomic(output: str, name: str, data: bytes | pa.Buffer) -> None:
 
 PART_RE = re.compile(r"^\.(?P<name>part-[^/]+\.parquet|[^/]+\.json)\.[0-9a-f]{32}\.part$")
 """Names of what a writer killed mid-write leaves (see `drn.io.atomic_write`): only ours."""
+
+
+def os_error_text(exc: BaseException) -> str:
+    """One line for a storage error: its reason (``No space left on device``) and the file
+    it names, whatever raised it (the OS, pyarrow's filesystems, an object store's client)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = " ".join(str(exc).split())
+    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
+
+
+STORAGE_RETRY_S = 120.0
+"""How long a failing write is retried before the run gives up on it (a disk that fills up
+and is freed, an object store that throttles for a while)."""
+
+# What waiting does not cure: the write would fail the same way on every attempt.
+_PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                     errno.ENAMETOOLONG, errno.EINVAL}
+_PERMANENT_S3_CODES = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "NoSuchBucket",
+                       "SignatureDoesNotMatch", "InvalidBucketName", "AccountProblem"}
+_PERMANENT_TEXT = ("ACCESS_DENIED", "AccessDenied", "NoSuchBucket", "NO_SUCH_BUCKET",
+                   "Permission denied", "Read-only file system", "InvalidAccessKeyId")
+
+
+def storage_retry_s() -> float:
+    """The retry budget in force: ``DRN_LABEL_STORAGE_RETRY_S`` when set, else 120 s."""
+    raw = os.environ.get("DRN_LABEL_STORAGE_RETRY_S")
+    try:
+        return max(0.0, float(raw)) if raw else STORAGE_RETRY_S
+    except ValueError:
+        return STORAGE_RETRY_S
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error may pass by waiting: a full disk (ENOSPC, EDQUOT), an I/O
+    error, a timeout, an object store's 5xx or throttling. No permission, a read-only
+    filesystem or a missing bucket will not."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno not in _PERMANENT_ERRNOS
+    response = getattr(exc, "response", None)  # botocore's ClientError
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code not in _PERMANENT_S3_CODES and status not in (400, 403, 404)
+    return not any(text in str(exc) for text in _PERMANENT_TEXT)
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """OSError (the OS, pyarrow's filesystems) and boto3's errors (S3 PUTs)."""
+    try:
+        import botocore.exceptions
+
+        return (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+    except ImportError:
+        return (OSError,)
+
+
+def with_storage_retries(attempt: Callable[[], T], *, what: str, budget_s: float | None = None,
+                         sleep: Callable[[float], None] = time.sleep) -> T:
+    """`attempt()`, retried with backoff (0.5 s doubling to 10 s) while it fails with a
+    transient storage error, for at most `budget_s` (`storage_retry_s()`). Then, or at once
+    for a permanent error, a `StorageError`: "`what`: <reason>". Other exceptions (a lost
+    lease) pass through untouched."""
+    budget = storage_retry_s() if budget_s is None else budget_s
+    deadline = time.monotonic() + budget
+    delay = 0.5
+    while True:
+        try:
+            return attempt()
+        except StorageError:
+            raise
+        except _storage_errors() as exc:
+            if not is_transient(exc):
+                raise StorageError(f"{what}: {os_error_text(exc)}") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                tried = f" (still failing after {budget:.0f} s of retries)" if budget else ""
+                raise StorageError(f"{what}: {os_error_text(exc)}{tried}") from None
+            sleep(min(delay, left))
+            delay = min(delay * 2, 10.0)
+
+
+PROBE_NAME = ".write-check.json.{}.part"
+"""A start-of-run probe's file name (a 32-digit hex id in the braces): a part file's shape."""
+
+
+def probe_writable(output: str, folder: str) -> None:
+    """Create and remove a small file in OUTPUT/`folder`, or in OUTPUT itself while the
+    folder does not exist yet (the run creates it there; a probe creates no folder but
+    OUTPUT), so that a run finds what it cannot write at its start, not at its first
+    commit. The name is this probe's own (two runs probing at once never touch each
+    other's file) and has the shape of a killed writer's part file, so
+    `reconcile.clean_tmp` removes one a kill leaves. Raises OSError naming the folder."""
+    fs, root = resolve(output)
+    where = f"{root}/{folder}"
+    if fs.get_file_info(where).type != pafs.FileType.Directory:
+        where = root
+        fs.create_dir(root, recursive=True)
+    path = f"{where}/{PROBE_NAME.format(uuid.uuid4().hex)}"
+    try:
+        if is_local(fs):
+            with open(path, "xb") as f:  # a full disk refuses the write (or its close)
+                f.write(b"{}")
+            os.unlink(path)
+        else:
+            put_object(fs, path, b"{}")
+            fs.delete_file(path)
+    except OSError as exc:
+        if not exc.strerror:
+            raise
+        raise OSError(exc.errno, exc.strerror, where) from None
 
 
 def read_bytes_or_none(output: str, name: str) -> bytes | None:

@@ -72,9 +72,12 @@ def remove_identity_rows(output: str, meta: OutputMetadata) -> int:
 
 def drop_replaced_rows(output: str, meta: OutputMetadata) -> int:
     """Keep one row per image of this model identity: an ok row over an error row, else
-    the newest row. --retry-errors writes the new row beside the old error row and
-    removes the old one here; a run killed before this step leaves both, and the next
-    run finishes the job (`_run_leased` calls this whenever it finds duplicates)."""
+    the newest row, else (rows of one run, labelled in the same instant: an output written
+    before duplicate input rows were dropped) the first in OUTPUT's order (data file
+    name, then row), so the choice is the same whoever reconciles and however often.
+    --retry-errors writes the new row beside the old error row and removes the old one
+    here; a run killed before this step leaves both, and the next run finishes the job
+    (`_run_leased` calls this whenever it finds duplicates)."""
     rows = existing_rows(output, meta, ("image_id", "status", "run_id", "labelled_at"))
     counts = pc.value_counts(rows["image_id"])
     repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
@@ -86,6 +89,8 @@ def drop_replaced_rows(output: str, meta: OutputMetadata) -> int:
         if row["image_id"] not in best or rank > best[row["image_id"]]:
             best[row["image_id"]] = rank
 
+    kept: set[str] = set()  # ids whose row is kept, over the files in order
+
     def keep(t: pa.Table):
         candidates = pc.and_(identity_mask(t, meta), pc.is_in(t["image_id"], repeated)).to_pylist()
         mask = [True] * t.num_rows
@@ -93,13 +98,17 @@ def drop_replaced_rows(output: str, meta: OutputMetadata) -> int:
         for i, candidate in enumerate(candidates):
             if candidate:
                 row = picked[i]
-                mask[i] = (row["status"] == "ok", row["labelled_at"], row["run_id"]) == best[row["image_id"]]
+                best_row = (row["status"] == "ok", row["labelled_at"], row["run_id"]) == best[row["image_id"]]
+                mask[i] = best_row and row["image_id"] not in kept
+                if mask[i]:
+                    kept.add(row["image_id"])
         return pa.array(mask)
 
     return _rewrite_files(output, keep)
 
 
 def _rewrite_files(output: str, keep: Callable[[pa.Table], pa.Array]) -> int:
+    """Rewrite OUTPUT's data files (in `data_files`' sorted order) keeping the rows `keep` marks."""
     import pyarrow.parquet as pq
 
     fs, root = resolve(output)

@@ -2,7 +2,15 @@
 
 Every export streams OUTPUT (projected columns, small row batches) and writes as it reads,
 so memory stays bounded by one Parquet row group plus one batch of decoded masks, whatever
-the number of rows. JSON files are written under a temporary name and renamed when whole.
+the number of rows (and, for the names, a few bytes per image: `ExportNames`). Files are
+written under a temporary name and renamed when whole; folders (png, yolo) are written as a
+hidden sibling renamed when whole, so a failed export leaves nothing behind.
+
+File names come from `pipeline.store.formats.ExportNames`, the same in every format: the
+image id's path with its extension replaced (``a/b.jpg`` -> ``a/b.png``), made safe (never
+outside the folder, no control characters, long parts shortened with a digest), and
+``~<digest of the id>`` added where two ids of the export would share a name. An id that
+OUTPUT holds twice is exported once.
 
 Formats:
 - ``png``: one PNG per image, named after the image id (``a/b.jpg`` -> ``a/b.png``): class
@@ -26,6 +34,7 @@ Formats:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -33,12 +42,15 @@ from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Iterator, Sequence
+from urllib.parse import quote
 
 import numpy as np
+import pyarrow.compute as pc
 
 from drn.io import atomic_write
-from pipeline.errors import UsageError
-from pipeline.store.formats import brush_rle, classes_present, coco_annotations, mask_png_name
+from pipeline.errors import DrnLabelError, StorageError, UsageError
+from pipeline.store.formats import ExportNames, brush_rle, classes_present, coco_annotations
+from pipeline.store.fs import os_error_text
 from pipeline.store.output import OutputMetadata
 from pipeline.store.reader import count_errors, ids_filter, iter_batches, iter_mask_rows, select_identity
 
@@ -77,70 +89,87 @@ class ExportResult:
     images: int
     annotations: int
     skipped_errors: int
+    repeated: int = 0  # rows of an image already exported (OUTPUT held it twice)
 
     def summary(self) -> str:
         what = f"{self.images} images" + (f", {self.annotations} annotations" if self.annotations else "")
-        skipped = f" ({self.skipped_errors} error rows skipped)" if self.skipped_errors else ""
-        return f"exported {what} as {self.format} to {self.out}{skipped}"
+        notes = [f"{self.skipped_errors} error rows skipped"] if self.skipped_errors else []
+        if self.repeated:
+            notes.append(f"{self.repeated} duplicate rows skipped: OUTPUT holds those images twice; "
+                         "rerun `drn-label run` on it to keep one row each")
+        return f"exported {what} as {self.format} to {self.out}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
-# -- png -------------------------------------------------------------------------------------
-def export_png(output: str, out: Path, meta: OutputMetadata, *, colour: bool = False,
-               image_ids: Sequence[str] | None = None) -> ExportResult:
-    """A folder of mask PNGs named after the image ids. `out` must be new or empty. The
-    folder is written under a temporary name beside it and renamed when whole, so a failed
-    export leaves nothing behind. Ids that map to one name (``a.jpg`` and ``a.png``), or a
-    name that is also another id's folder (``a.png`` and ``a.png/b.jpg``), are told apart
-    (``a.png.png``; ``a.png~1.png``), never overwritten."""
-    import cv2
+class ExportRows:
+    """The ok rows an export writes, each with its file name (`ExportNames`), one per image
+    id: the ids are read once first (one column), then the masks are streamed."""
 
+    def __init__(self, output: str, meta: OutputMetadata, image_ids: Sequence[str] | None) -> None:
+        self.output, self.meta, self.image_ids = output, meta, image_ids
+        where = pc.field("status") == "ok"
+        if image_ids is not None:
+            where = where & ids_filter(image_ids)
+        self.names = ExportNames(i for batch in iter_batches(output, meta, ["image_id"], where=where,
+                                                             batch_size=65536)
+                                 for i in batch.column("image_id").to_pylist())
+        self.repeated = 0
+
+    def __iter__(self) -> Iterator[tuple[dict, str]]:
+        for row in iter_mask_rows(self.output, self.meta, image_ids=self.image_ids):
+            if not self.names.first(row["image_id"]):
+                self.repeated += 1
+                continue
+            yield row, self.names.name(row["image_id"])
+
+    def result(self, fmt: str, out: Path, images: int, annotations: int) -> ExportResult:
+        return ExportResult(fmt, str(out), images, annotations,
+                            count_errors(self.output, self.meta, image_ids=self.image_ids), self.repeated)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A folder written whole or not at all. `out` must be new or empty; the files go to a
+    hidden sibling that is renamed to `out` when the block ends, and removed if it fails."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out}: exists and is not an empty folder; choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    images = 0
     try:
-        for row in iter_mask_rows(output, meta, image_ids=image_ids):
-            target = _free_target(work, row["image_id"])
-            target.parent.mkdir(parents=True, exist_ok=True)
-            mask = row["mask"]
-            pixels = cv2.cvtColor(colourise(mask, meta), cv2.COLOR_RGB2BGR) if colour else mask
-            if not cv2.imwrite(str(target), pixels):
-                raise ExportError(f"{out / target.relative_to(work)}: cannot be written")
-            images += 1
+        yield work
         if out.exists():
             out.rmdir()  # empty, checked above
         work.rename(out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return ExportResult("png", str(out), images, 0, count_errors(output, meta, image_ids=image_ids))
 
 
-def _free_target(folder: Path, image_id: str) -> Path:
-    """Where image `image_id`'s mask goes in `folder`: its name, else its name with the
-    image's extension kept, else with ``~k``; never under a path that is a file."""
-    candidates = [mask_png_name(image_id), mask_png_name(image_id, keep_extension=True)]
-    for rel in candidates:
-        if _usable(folder, folder / rel):
-            return folder / rel
-    flat = candidates[1][:-4].replace("/", "~")
-    k = 1
-    while not _usable(folder, folder / f"{flat}~{k}.png"):
-        k += 1
-    return folder / f"{flat}~{k}.png"
+def write_file(path: Path, data: bytes | str) -> None:
+    """One file inside a staged folder (its own parents made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        path.write_text(data, encoding="utf-8")
+    else:
+        path.write_bytes(data)
 
 
-def _usable(folder: Path, target: Path) -> bool:
-    if target.exists():
-        return False
-    parent = target.parent
-    while parent != folder:
-        if parent.exists() and not parent.is_dir():
-            return False
-        parent = parent.parent
-    return True
+# -- png -------------------------------------------------------------------------------------
+def export_png(output: str, out: Path, meta: OutputMetadata, *, colour: bool = False,
+               image_ids: Sequence[str] | None = None) -> ExportResult:
+    """A folder of mask PNGs named after the image ids (`ExportNames`). `out` must be new or
+    empty; a failed export leaves nothing behind (`staged_folder`)."""
+    import cv2
+
+    rows = ExportRows(output, meta, image_ids)
+    images = 0
+    with staged_folder(out) as work:
+        for row, name in rows:
+            mask = row["mask"]
+            pixels = cv2.cvtColor(colourise(mask, meta), cv2.COLOR_RGB2BGR) if colour else mask
+            write_file(work / (name + ".png"), cv2.imencode(".png", pixels)[1].tobytes())
+            images += 1
+    return rows.result("png", out, images, 0)
 
 
 # -- coco ------------------------------------------------------------------------------------
@@ -189,10 +218,11 @@ def export_coco(output: str, out: Path, meta: OutputMetadata, *, polygons: bool 
     info = {"description": f"drn-label pre-labels: {meta.model} (weights {meta.weights_sha256[:12]})",
             "version": str(meta.schema_version),
             "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    rows = ExportRows(output, meta, image_ids)
     with atomic_text(out) as f, tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+") as image_list:
         f.write('{"info": ' + json.dumps(info) + ', "licenses": [], "categories": '
                 + json.dumps(coco_categories(meta)) + ',\n"annotations": [')
-        for row in iter_mask_rows(output, meta, image_ids=image_ids):
+        for row, _ in rows:
             images += 1
             mask = row["mask"]
             height, width = mask.shape
@@ -209,37 +239,34 @@ def export_coco(output: str, out: Path, meta: OutputMetadata, *, polygons: bool 
         while chunk := image_list.read(1 << 20):
             f.write(chunk)
         f.write("\n]}\n")
-    return ExportResult("coco", str(out), images, annotations, count_errors(output, meta, image_ids=image_ids))
+    return rows.result("coco", out, images, annotations)
 
 
 # -- yolo ------------------------------------------------------------------------------------
 def export_yolo(output: str, out: Path, meta: OutputMetadata, *,
                 image_ids: Sequence[str] | None = None) -> ExportResult:
-    """YOLO segmentation labels, one text file per image, and data.yaml with the names."""
+    """YOLO segmentation labels, one text file per image (``labels/<name>.txt``), and
+    data.yaml with the names; written whole or not at all (`staged_folder`)."""
     import yaml
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"--out {out}: exists and is not an empty folder; choose a new folder")
+    rows = ExportRows(output, meta, image_ids)
     images = annotations = 0
-    for row in iter_mask_rows(output, meta, image_ids=image_ids):
-        mask = row["mask"]
-        height, width = mask.shape
-        lines = []
-        for class_id in classes_present(mask, meta.num_classes):
-            for polygon in class_polygons(mask == class_id):
-                xy = np.asarray(polygon).reshape(-1, 2) / [width, height]
-                lines.append(f"{class_id} " + " ".join(f"{v:.6f}" for v in xy.reshape(-1)))
-        target = out / "labels" / mask_png_name(row["image_id"])[:-4]
-        with atomic_text(target.with_name(target.name + ".txt")) as f:
-            f.write("".join(line + "\n" for line in lines))
-        images += 1
-        annotations += len(lines)
-    with atomic_text(out / "data.yaml") as f:
-        yaml.safe_dump({"path": ".", "train": "images", "val": "images",
-                        "names": dict(enumerate(meta.classes))}, f, sort_keys=False)
-    return ExportResult("yolo", str(out), images, annotations,
-                        count_errors(output, meta, image_ids=image_ids))
+    with staged_folder(out) as work:
+        for row, name in rows:
+            mask = row["mask"]
+            height, width = mask.shape
+            lines = []
+            for class_id in classes_present(mask, meta.num_classes):
+                for polygon in class_polygons(mask == class_id):
+                    xy = np.asarray(polygon).reshape(-1, 2) / [width, height]
+                    lines.append(f"{class_id} " + " ".join(f"{v:.6f}" for v in xy.reshape(-1)))
+            write_file(work / "labels" / (name + ".txt"), "".join(line + "\n" for line in lines))
+            images += 1
+            annotations += len(lines)
+        write_file(work / "data.yaml", yaml.safe_dump(
+            {"path": ".", "train": "images", "val": "images", "names": dict(enumerate(meta.classes))},
+            sort_keys=False))
+    return rows.result("yolo", out, images, annotations)
 
 
 # -- cvat ------------------------------------------------------------------------------------
@@ -252,16 +279,16 @@ def export_cvat(output: str, out: Path, meta: OutputMetadata, *,
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    rows = ExportRows(output, meta, image_ids)
     images = annotations = 0
-    names: list[str] = []
-    with atomic_write(out) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+    with atomic_write(out) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf, \
+            tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+", encoding="utf-8") as names:
         labelmap = "# label:color_rgb:parts:actions\n" + "".join(
             f"{name}:{r},{g},{b}::\n" for name, (r, g, b) in zip(meta.classes, meta.palette))
         zf.writestr("labelmap.txt", labelmap)
-        for row in iter_mask_rows(output, meta, image_ids=image_ids):
+        for row, name in rows:
             mask = row["mask"]
-            name = mask_png_name(row["image_id"])[:-4]
-            names.append(name)
+            names.write(name + "\n")
             present = classes_present(mask, meta.num_classes)
             colour = cv2.cvtColor(colourise(mask, meta), cv2.COLOR_RGB2BGR)
             objects = np.zeros((*mask.shape, 3), np.uint8)
@@ -271,9 +298,11 @@ def export_cvat(output: str, out: Path, meta: OutputMetadata, *,
             zf.writestr(f"SegmentationObject/{name}.png", cv2.imencode(".png", objects)[1].tobytes())
             images += 1
             annotations += len(present)
-        zf.writestr("ImageSets/Segmentation/default.txt", "".join(n + "\n" for n in names))
-    return ExportResult("cvat", str(out), images, annotations,
-                        count_errors(output, meta, image_ids=image_ids))
+        names.seek(0)
+        with zf.open("ImageSets/Segmentation/default.txt", "w") as listing:
+            while chunk := names.read(1 << 20):
+                listing.write(chunk.encode("utf-8"))
+    return rows.result("cvat", out, images, annotations)
 
 
 def _voc_colour(index: int) -> tuple[int, int, int]:
@@ -309,7 +338,9 @@ def label_studio_task(row: dict, meta: OutputMetadata, *, from_name: str, to_nam
          "value": {"format": "rle", "rle": brush_rle(mask == class_id),
                    "brushlabels": [meta.classes[class_id]]}}
         for class_id in classes_present(mask, meta.num_classes)]
-    image = url_prefix + row["image_id"] if url_prefix is not None else row["uri"]
+    # The id goes into a URL (e.g. Label Studio's ``?d=`` local-file parameter): quoted, so
+    # that ``#``, ``&``, ``?``, spaces and newlines stay part of it.
+    image = url_prefix + quote(row["image_id"], safe="/") if url_prefix is not None else row["uri"]
     return {"data": {"image": image, "image_id": row["image_id"]},
             "predictions": [{"model_version": f"{meta.model}@{meta.weights_sha256[:12]}",
                              "score": round(float(row["confidence"]), 6), "result": results}]}
@@ -323,18 +354,20 @@ def export_label_studio(output: str, out: Path, meta: OutputMetadata, *, from_na
     `url_prefix` + image id (e.g. ``/data/local-files/?d=images/`` for Label Studio's
     local file serving)."""
     out = Path(out)
+    rows = ExportRows(output, meta, image_ids)
     images = annotations = 0
+    with atomic_text(config_path(out)) as f:
+        f.write(label_studio_config(meta, from_name=from_name, to_name=to_name))
     with atomic_text(out) as f:
         f.write("[")
-        for row in iter_mask_rows(output, meta, image_ids=image_ids):
+        for row, _ in rows:
             task = label_studio_task(row, meta, from_name=from_name, to_name=to_name,
                                      url_prefix=url_prefix)
             f.write(("," if images else "") + "\n" + json.dumps(task, separators=(",", ":")))
             images += 1
             annotations += len(task["predictions"][0]["result"])
         f.write("\n]\n")
-    config_path(out).write_text(label_studio_config(meta, from_name=from_name, to_name=to_name))
-    return ExportResult("label-studio", str(out), images, annotations, count_errors(output, meta, image_ids=image_ids))
+    return rows.result("label-studio", out, images, annotations)
 
 
 def config_path(out: Path) -> Path:
@@ -361,7 +394,21 @@ def export(output: str, fmt: str, out: Path, *, colour: bool = False, model: str
            weights_sha256: str | None = None, from_name: str = "tag", to_name: str = "image",
            url_prefix: str | None = None, polygons: bool = False,
            ids: Path | None = None) -> ExportResult:
-    """Export one model identity's ok rows (only the manifest `ids`' images, when given)."""
+    """Export one model identity's ok rows (only the manifest `ids`' images, when given).
+    A failed write (disk full, no permission) is a `StorageError` naming `out`."""
+    try:
+        return _export(output, fmt, Path(out), colour=colour, model=model, weights_sha256=weights_sha256,
+                       from_name=from_name, to_name=to_name, url_prefix=url_prefix,
+                       polygons=polygons, ids=ids)
+    except DrnLabelError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"--out {out}: cannot write the {fmt} export ({os_error_text(exc)})") from None
+
+
+def _export(output: str, fmt: str, out: Path, *, colour: bool, model: str | None,
+            weights_sha256: str | None, from_name: str, to_name: str, url_prefix: str | None,
+            polygons: bool, ids: Path | None) -> ExportResult:
     meta = select_identity(output, model=model, weights_sha256=weights_sha256)
     image_ids = None
     if ids is not None:

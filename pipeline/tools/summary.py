@@ -70,8 +70,10 @@ def format_summary(s: dict) -> str:
     if s["runs"]:
         lines.append(f"runs ({len(s['runs'])}):")
         for r in s["runs"]:
+            duplicates = f"  duplicate input rows {r['duplicates']} (one row kept each)" \
+                if r.get("duplicates") else ""
             lines.append(f"  {r['run_id']}  {r.get('state')}  ok {r.get('ok', 0)}  "
-                         f"errors {r.get('errors', 0)}  skipped {r.get('skipped_existing', 0)}")
+                         f"errors {r.get('errors', 0)}  skipped {r.get('skipped_existing', 0)}{duplicates}")
     for label, fractions in s["mean_class_fraction"].items():
         lines.append(f"mean class fraction, {label}:")
         for name, v in sorted(fractions.items(), key=lambda kv: -kv[1]):

@@ -41,7 +41,7 @@ import numpy as np
 from drn.io import atomic_write
 from pipeline.errors import UsageError
 from pipeline.store.decode import decode_image
-from pipeline.store.formats import brush_region, coco_region, mask_png_name
+from pipeline.store.formats import ExportNames, brush_region, coco_region, mask_png_name
 
 FORMATS = ("label-studio", "coco", "png")
 IGNORE_INDEX = 255
@@ -263,11 +263,23 @@ def read_png_folder(folder: Path, classes: Classes, *, images: Path | None) -> I
     if images is None:
         raise UsageError(f"{folder}: a folder of masks needs --images, the folder of the images "
                          "they belong to")
-    by_stem = {mask_png_name(p.relative_to(images).as_posix()): p
-               for p in sorted(images.rglob("*")) if p.is_file()}
+    # Masks are named as `export --format png` names them (`ExportNames` over the images);
+    # an export of a subset (--ids) may have kept a plain name that the whole folder shares.
+    files = {p.relative_to(images).as_posix(): p for p in sorted(images.rglob("*")) if p.is_file()}
+    names = ExportNames(files)
+    plain: dict[str, list[Path]] = {}
+    for rel, p in files.items():
+        plain.setdefault(mask_png_name(rel), []).append(p)
+    by_stem = {name: found[0] for name, found in plain.items() if len(found) == 1}
+    by_stem.update({names.name(rel) + ".png": p for rel, p in files.items()})
     for path in sorted(folder.rglob("*.png")):
         rel = path.relative_to(folder).as_posix()
         source = by_stem.get(rel)
+        if source is None and rel in plain:
+            shown = ", ".join(p.relative_to(images).as_posix() for p in plain[rel][:3])
+            raise UsageError(f"mask {path}: images {shown} in --images {images} share its name; "
+                             "export them together (they are then named apart) or pass --images "
+                             "with only the exported ones")
         if source is None:
             raise UsageError(f"mask {path}: no image named {rel[:-4]}.* in --images {images}")
         mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

@@ -301,6 +301,13 @@ def test_a_wrong_token_fails_fast(head, tmp_path):
     assert result.elapsed < 15, f"took {result.elapsed:.1f}s"
 
 
+def test_the_head_says_without_credentials_that_it_checks_tokens(head):
+    """What `connect` asks first (tests/unit/test_cluster_auth.py refuses an open cluster)."""
+    from pipeline.cluster.jobs import authentication_mode
+
+    assert authentication_mode(head.url) == "token"
+
+
 def test_no_token_with_auth_disabled_says_what_to_set(head):
     env = head.env(RAY_AUTH_MODE="disabled")
     del env["RAY_AUTH_TOKEN"]

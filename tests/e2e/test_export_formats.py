@@ -15,7 +15,7 @@ import yaml
 
 import drn
 from pipeline.cli import cli
-from pipeline.tools.export import mask_png_name
+from pipeline.store.formats import mask_png_name
 
 CITYSCAPES = drn.get_preset("cityscapes")
 

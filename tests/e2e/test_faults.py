@@ -763,3 +763,92 @@ def test_retry_errors_replaces_rows_other_models_sit_beside_overwrite_starts_ove
     assert_each_once(first_identity, image_ids)
     assert Counter(rows.column("run_id").to_pylist()) == {again.run_id: len(image_ids),
                                                          other.run_id: len(image_ids)}
+
+
+# -- storage that fails: a small filesystem that fills up (tmpfs, small_fs in conftest) -----
+def test_a_disk_that_fills_during_a_run_loses_no_row(ray_session, small_fs, tmp_path, cli_runner,
+                                                     monkeypatch):
+    """The disk fills during a run and stays full: the run exits 1 with one line naming the
+    cause and what OUTPUT holds, each committed file whole. The rerun starts with the disk
+    freed; it fills again while the rerun labels and is freed 3 s later: the rerun waits
+    it out and finishes with every image exactly once."""
+    inputs, output = tmp_path / "in", small_fs.root / "out"
+    names = write_images(inputs, 40)
+    flags = ["--model", "drn_d_22", "--num-classes", "3", "--batch-size", "4", "--rows-per-file", "4"]
+    fills: list[int] = []
+
+    def fill_after_a_commit(free_after: float | None) -> threading.Thread:
+        def fill() -> None:
+            before = len(data_files(str(output)))
+            deadline = time.time() + 120
+            while len(data_files(str(output))) <= before and time.time() < deadline:
+                time.sleep(0.05)
+            fills.append(committed_rows(output))
+            small_fs.fill()
+            if free_after is not None:
+                time.sleep(free_after)
+                small_fs.free()
+        thread = threading.Thread(target=fill)
+        thread.start()
+        return thread
+
+    monkeypatch.setenv("DRN_LABEL_STORAGE_RETRY_S", "2")
+    filler = fill_after_a_commit(free_after=None)
+    failed = cli_runner.invoke(cli, ["run", str(inputs), str(output), *flags])
+    filler.join()
+    assert failed.exit_code == 1, failed.output
+    assert "Traceback" not in failed.output
+    (line,) = [x for x in failed.output.splitlines() if x.startswith("error:")]
+    rows = read_rows(output)
+    assert 0 < rows.num_rows < len(names)
+    assert line.startswith(f"error: OUTPUT {output}: cannot write data/part-")
+    assert "No space left on device" in line and "still failing after 2 s of retries" in line
+    assert f"; OUTPUT holds {rows.num_rows} rows of this run ({rows.num_rows} ok, 0 errors) in " in line
+    assert "rerun the same command once the storage works again" in line
+    assert len(set(rows.column("image_id").to_pylist())) == rows.num_rows
+
+    small_fs.free()
+    monkeypatch.setenv("DRN_LABEL_STORAGE_RETRY_S", "120")
+    filler = fill_after_a_commit(free_after=3.0)
+    rerun = cli_runner.invoke(cli, ["run", str(inputs), str(output), *flags])
+    filler.join()
+    assert rerun.exit_code == 0, rerun.output
+    assert fills[1] < len(names), "the disk filled while the rerun still had rows to commit"
+    assert f"{len(names) - rows.num_rows} ok, 0 errors, {rows.num_rows} already labelled" in rerun.output
+    assert_each_once(read_rows(output), names)
+    assert not [p for p in (output / "data").iterdir() if p.name.endswith(".part")]
+
+
+def test_a_full_disk_or_read_only_data_folder_at_start_is_one_line(ray_session, small_fs, tmp_path,
+                                                                   cli_runner):
+    """Found at the start, before any image is labelled: exit 1, one line. OUTPUT's disk is
+    full (the probe); Ray's temp folder is on a full disk (Ray itself would wait half a
+    minute and print its traceback; a `drn-label run` of its own, as Ray starts there);
+    OUTPUT/data is read-only while OUTPUT is writable (the probe)."""
+    inputs = tmp_path / "in"
+    write_images(inputs, 2)
+    flags = ["--num-classes", "3"]
+    full = small_fs.root / "full"
+    (small_fs.root / "ray").mkdir()
+    small_fs.fill()
+    res = cli_runner.invoke(cli, ["run", str(inputs), str(full), *flags])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip() == f"error: OUTPUT {full} is not writable: No space left on device: {full}"
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(small_fs.root / "ray"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(inputs), str(tmp_path / "o"),
+                           *flags], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: cannot start a local Ray: its temp folder {small_fs.root / 'ray'} has 0 MiB free; free "
+        "some space there, or point RAY_TMPDIR at a disk that has some")
+    small_fs.free()
+
+    read_only = small_fs.root / "ro"
+    small_fs.mount_read_only(read_only / "data")
+    res = cli_runner.invoke(cli, ["run", str(inputs), str(read_only), *flags])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip() == (f"error: OUTPUT {read_only} is not writable: Read-only file system: "
+                                  f"{read_only}/data")
+    assert not (read_only / "_state" / "runs").exists()  # no run started

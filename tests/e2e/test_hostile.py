@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import struct
 import subprocess
@@ -245,22 +246,128 @@ def test_submit_refuses_credentials_in_env(cli_runner, tmp_path):
 
 
 # -- the smaller cases ------------------------------------------------------------------------------------
-def test_export_targets_fail_cleanly_and_names_never_collide(ray_session, cli_runner, tmp_path):
-    manifest = tmp_path / "m.csv"
-    a, b = write_png(tmp_path / "a.png", 1), write_png(tmp_path / "b.jpg.png", 2)
-    manifest.write_text(f"uri,image_id\n{a},a.png\n{b},a.png/b.jpg\n")
+# Ids that used to collide or crash an export: one name for three images, a 300-character
+# id (ENAMETOOLONG), a newline (splits CVAT's image list), a name that is also another id's
+# folder, a path out of the folder, and letter case only.
+EXPORT_IDS = ["a.jpg", "a.png", "a.txt", "L" * 300 + ".jpg", "two\nlines.png", "a.png/b.jpg",
+              "../../outside.png", "Case.png", "case.png"]
+
+
+def test_exports_never_collide_crash_or_half_write(ray_session, cli_runner, tmp_path):
+    """Every format writes each image once under a name of its own (the same in every
+    format), inside its folder, as one line of output; a target it cannot write is one
+    error line and leaves nothing behind."""
+    import yaml
+
+    from pipeline.store.formats import ExportNames
+
+    images = tmp_path / "imgs"
+    paths = [write_png(images / f"{k}.png", k) for k in range(len(EXPORT_IDS))]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"uri": [str(p) for p in paths], "image_id": EXPORT_IDS}), manifest)
     out = tmp_path / "out"
-    assert label(cli_runner, manifest, out).exit_code == 0
+    res = label(cli_runner, manifest, out)
+    assert res.exit_code == 0, res.output
+    assert sorted(rows_of(out)) == sorted(EXPORT_IDS)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    names = ExportNames(EXPORT_IDS)
+    expected = {names.name(i) for i in EXPORT_IDS}
+    assert len(expected) == len(EXPORT_IDS)  # the rule itself; the formats must follow it
+
+    def export(fmt: str, target: Path):
+        res = cli_runner.invoke(cli, ["export", str(out), "--format", fmt, "--out", str(target)])
+        assert res.exit_code == 0, res.output
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1 + (fmt == "label-studio")
+        assert f"exported {len(EXPORT_IDS)} images" in res.output
+        return target
+
+    png = export("png", exports / "png")
+    assert {p.relative_to(png).as_posix()[:-4] for p in png.rglob("*.png") if p.is_file()} == expected
+    assert all(len(p.name.encode()) <= 255 for p in png.rglob("*"))
+    yolo = export("yolo", exports / "yolo")
+    assert {p.relative_to(yolo / "labels").as_posix()[:-4] for p in yolo.rglob("*.txt") if p.is_file()} == expected
+    assert len(yaml.safe_load((yolo / "data.yaml").read_text())["names"]) == 3
+    cvat = export("cvat", exports / "cvat.zip")
+    import warnings
+    import zipfile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a duplicate zip entry is a UserWarning
+        with zipfile.ZipFile(cvat) as zf:
+            members = zf.namelist()
+            listed = zf.read("ImageSets/Segmentation/default.txt").decode().splitlines()
+    assert len(members) == len(set(members))
+    assert sorted(listed) == sorted(expected)
+    assert {m[len("SegmentationClass/"):-4] for m in members if m.startswith("SegmentationClass/")} == expected
+    coco = json.loads(export("coco", exports / "coco.json").read_text())
+    assert sorted(i["file_name"] for i in coco["images"]) == sorted(EXPORT_IDS)
+    tasks = json.loads(export("label-studio", exports / "tasks.json").read_text())
+    assert sorted(t["data"]["image_id"] for t in tasks) == sorted(EXPORT_IDS)
+    # Nothing outside the export folder ("../../outside.png" stayed in), nothing left over.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "imgs", "m.parquet", "out"]
+    assert sorted(p.name for p in exports.iterdir()) == ["coco.json", "cvat.zip", "png", "tasks.json",
+                                                         "tasks_config.xml", "yolo"]
+
+    # An OUTPUT that holds an image twice (written before duplicates were reconciled):
+    # exported once, and said so.
+    twice = tmp_path / "twice"
+    shutil.copytree(out, twice)
+    first = sorted((twice / "data").glob("part-*.parquet"))[0]
+    shutil.copy(first, first.with_name("part-copy-0.parquet"))
+    repeated = pq.read_table(first).num_rows
+    res = cli_runner.invoke(cli, ["export", str(twice), "--format", "coco", "--out", str(exports / "c2.json")])
+    assert res.exit_code == 0, res.output
+    assert f"{repeated} duplicate rows skipped: OUTPUT holds those images twice" in res.output
+    file_names = [i["file_name"] for i in json.loads((exports / "c2.json").read_text())["images"]]
+    assert sorted(file_names) == sorted(EXPORT_IDS)
+    shutil.rmtree(twice)
+
+    # Targets that cannot be used: one line each, nothing half-written.
     folder = tmp_path / "existing"
     folder.mkdir()
     res = cli_runner.invoke(cli, ["export", str(out), "--format", "coco", "--out", str(folder)])
     assert res.exit_code == 2 and "is a folder; give the file to write" in res.output
-    assert list(folder.iterdir()) == []  # nothing half-written left behind
-    res = cli_runner.invoke(cli, ["export", str(out), "--format", "png", "--out", str(tmp_path / "png")])
+    assert list(folder.iterdir()) == []
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for fmt, target in (("yolo", blocker / "yolo"), ("cvat", blocker / "c.zip")):
+        res = cli_runner.invoke(cli, ["export", str(out), "--format", fmt, "--out", str(target)])
+        assert res.exit_code == 1, res.output
+        assert res.output.startswith(f"error: --out {target}: cannot write the {fmt} export (")
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".part")]
+
+
+def test_an_image_id_twice_in_one_block_is_labelled_once(ray_session, cli_runner, tmp_path):
+    """Manifest rows with one image_id close together (one block: a Parquet manifest's
+    rows arrive in blocks of up to 1,024 consecutive rows): the first row's image is
+    labelled, the others are dropped before decoding with a warning that counts them, and
+    `inspect` shows the count. An older OUTPUT that holds the same rows twice (one run, one
+    instant: what this used to commit) is reconciled by the next run to the first of them."""
+    images = [write_png(tmp_path / "imgs" / f"{k}.png", k) for k in range(5)]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"uri": [str(p) for p in images], "image_id": ["a", "b", "a", "c", "a"]}),
+                   manifest)
+    out = tmp_path / "out"
+    res = label(cli_runner, manifest, out)
     assert res.exit_code == 0, res.output
-    written = sorted(p.relative_to(tmp_path / "png").as_posix() for p in (tmp_path / "png").rglob("*.png"))
-    assert len(written) == 2 and "a.png" in written
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    assert (f"warning: input {manifest}: 2 rows repeated the image_id of another row; one row of each "
+            "image_id was labelled and kept, the first") in res.output
+    assert "finished: 3 ok, 0 errors, 0 already labelled (of 3 inputs)" in res.output
+    rows = rows_of(out)  # asserts one row per image_id
+    assert {i: r["uri"] for i, r in rows.items()} == {"a": str(images[0]), "b": str(images[1]),
+                                                      "c": str(images[3])}
+    res = cli_runner.invoke(cli, ["inspect", str(out)])
+    assert res.exit_code == 0 and "duplicate input rows 2 (one row kept each)" in res.output
+
+    (first,) = (out / "data").glob("part-*.parquet")
+    shutil.copy(first, first.with_name(first.name.replace("part-", "part-0")))  # sorts first
+    res = label(cli_runner, manifest, out)
+    assert res.exit_code == 0, res.output
+    assert "removed 3 rows" in res.output
+    rows = rows_of(out)
+    assert sorted(rows) == ["a", "b", "c"] and rows["a"]["uri"] == str(images[0])
 
 
 def test_status_of_an_empty_target_is_a_usage_error(cli_runner):

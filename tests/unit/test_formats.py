@@ -59,3 +59,63 @@ def test_id_manifests_read_back(tmp_path):
     (tmp_path / "bad.csv").write_text("uri\n/x/b.png\n")
     with pytest.raises(UsageError, match="no image_id column"):
         read_ids(tmp_path / "bad.csv")
+
+
+# -- file names from image ids ---------------------------------------------------------------------
+def test_export_names_are_safe_unique_and_independent_of_order():
+    from pipeline.store.formats import MAX_PART_BYTES, ExportNames, id_name
+
+    ids = ["a.jpg", "a.png", "a.txt", "b/c.jpg", "B/C.jpg", "x" * 300 + ".jpg", "y" * 300 + ".jpg",
+           "new\nline.png", "new_line.png", "../../up.png", "", "d~0123456789ab.jpg", "d~0123456789ab",
+           "e.png/f.jpg", "e.jpg", "/".join(["g" * 150] * 10) + "/h.jpg", "plain/kept.jpg"]
+    names = ExportNames(ids)
+    named = {i: names.name(i) for i in ids}
+    assert len(set(named.values())) == len(ids)
+    assert len({n.casefold() for n in named.values()}) == len(ids)  # case-insensitive disks too
+    assert named == {i: ExportNames(reversed(ids)).name(i) for i in ids}  # not the order
+    assert named["plain/kept.jpg"] == "plain/kept"  # a name nobody shares stays as it was
+    assert named["a.jpg"].startswith("a~") and named["a.png"].startswith("a~")
+    assert named["e.jpg"].startswith("e~")  # "e.png" would be a file beside the folder "e.png/"
+    for name in named.values():
+        parts = name.split("/")
+        assert ".." not in parts and "" not in parts and not any(c in name for c in "\n\r\0\\")
+        assert all(len(p.encode()) <= MAX_PART_BYTES + 13 for p in parts)
+        assert len(name.encode()) <= 1024
+    assert named["x" * 300 + ".jpg"] != named["y" * 300 + ".jpg"]  # shortened, told apart
+    long = id_name("ü" * 150)  # 300 bytes: cut on a character boundary
+    assert long.startswith("ü" * 93) and len(long.encode()) <= MAX_PART_BYTES
+
+
+def test_export_names_keep_one_row_per_id():
+    from pipeline.store.formats import ExportNames
+
+    names = ExportNames(["a.png", "b.png", "a.png"])
+    assert [names.first(i) for i in ["a.png", "b.png", "a.png", "b.png"]] == [True, True, False, True]
+    assert names.name("a.png") == "a"  # the same id twice is not a clash
+
+
+def test_a_png_export_of_long_and_clashing_ids_imports_back(tmp_path):
+    """The png export's names map back to the images on import: a 240-character id
+    (shortened with a digest) and ids named apart (``a.jpg`` and ``A.png``; ``b.jpg`` and
+    ``b.png``); a mask whose name several images share is a clear error, never a guess."""
+    import cv2
+
+    from pipeline.store.formats import ExportNames
+    from pipeline.training.importer import import_corrections
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    ids = ["L" * 240 + ".png", "a.jpg", "A.png", "b.jpg", "b.png"]
+    names = ExportNames(ids)
+    for k, image_id in enumerate(ids):
+        (images / image_id).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(images / image_id), np.full((8, 10, 3), 40 * k, np.uint8))
+        (masks / names.name(image_id)).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(masks / (names.name(image_id) + ".png")), np.full((8, 10), k, np.uint8))
+    with pytest.raises(UsageError, match="would share the mask"):  # the training layout pairs by stem
+        import_corrections(masks, tmp_path / "data", images=images, classes="cityscapes")
+    (masks / (names.name("b.png") + ".png")).unlink()
+    result = import_corrections(masks, tmp_path / "data", images=images, classes="cityscapes")
+    assert result.images == 4
+    cv2.imwrite(str(masks / "b.png"), np.zeros((8, 10), np.uint8))  # b.jpg's or b.png's?
+    with pytest.raises(UsageError, match="share its name"):
+        import_corrections(masks, tmp_path / "data2", images=images, classes="cityscapes")

@@ -173,7 +173,8 @@ def test_cronjob_submits_the_spec_to_the_long_lived_cluster(cli_runner, in_repo,
     env = {e["name"]: e for e in container["env"]}
     assert env["RAY_ADDRESS"]["value"] == (
         "http://drn-label-nightly-s3-head-svc.labelling.svc.cluster.local:8265")
-    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "drn-label-nightly-s3-ray-token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {  # required: no `optional`
+        "name": "drn-label-nightly-s3-ray-token", "key": "auth_token"}
     assert pod["volumes"][0]["configMap"]["name"] == by_kind(docs, "ConfigMap")["metadata"]["name"]
     assert embedded_spec(docs, tmp_path).output == "s3://my-labels/cityscapes-drn_d_22/"
 
@@ -189,6 +190,8 @@ def test_launcher_config_validates_against_rays_schema(cli_runner, in_repo):
     workers = config["available_node_types"]["workers"]
     assert workers["resources"]["GPU"] == 1 and workers["max_workers"] == 2
     assert all("RAY_AUTH_MODE=token" in c for c in config["head_start_ray_commands"][1:])
+    # The head's dashboard stays on its loopback; `ray dashboard` tunnels to it over SSH.
+    assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][1]
 
 
 def test_a_schedule_needs_a_cron(cli_runner, in_repo):
@@ -207,6 +210,83 @@ def test_deploy_manifests_are_the_rendered_nightly_spec(cli_runner, in_repo):
         assert result.exit_code == 0, result.output
         assert (REPO / path).read_text() == result.stdout, (
             f"{path} is stale: drn-label schedule --job {NIGHTLY} --kind {kind} --out {path}")
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and In/NotIn/Exists matchExpressions) on a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value = labels.get(expr["key"])
+        ok = {"In": value in expr.get("values", []), "NotIn": value not in expr.get("values", []),
+              "Exists": expr["key"] in labels, "DoesNotExist": expr["key"] not in labels}[expr["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def admitted(policy: dict, labels: dict, port: int, namespace_labels: dict) -> bool:
+    """Whether `policy` lets a pod with `labels` (in a namespace with `namespace_labels`)
+    reach `port` of the pods it selects."""
+    for rule in policy["spec"]["ingress"]:
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        for peer in rule["from"]:
+            in_namespace = ("namespaceSelector" not in peer and namespace_labels.get("same")) or (
+                "namespaceSelector" in peer and matches(peer["namespaceSelector"], namespace_labels))
+            if in_namespace and matches(peer.get("podSelector", {}), labels):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("kind", ["raycronjob", "rayjob", "raycluster"])
+def test_clusters_are_closed_by_default(cli_runner, in_repo, kind):
+    """Token auth, the dashboard on the head pod's own address with probes that ask it there,
+    and a NetworkPolicy that lets only the cluster's pods, its submitters and the KubeRay
+    operator in. Submitters are the RayJob's submitter pod and the CronJob's pod."""
+    docs = render(cli_runner, "--job", NIGHTLY, "--kind", kind, "--operator-namespace", "ops")
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    if kind == "raycronjob":
+        job = by_kind(docs, "RayCronJob")["spec"]["jobTemplate"]
+    cluster = (job["rayClusterSpec"] if kind == "raycronjob" else
+               by_kind(docs, "RayJob")["spec"]["rayClusterSpec"] if kind == "rayjob" else
+               by_kind(docs, "RayCluster")["spec"])
+    assert cluster["authOptions"]["mode"] == "token"
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "$MY_POD_IP"
+    (container,) = head["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MY_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        assert "http://$MY_POD_IP:8265/api/gcs_healthz" in probe["exec"]["command"][-1]
+    text = yaml.safe_dump_all(docs)
+    assert "0.0.0.0" not in text
+
+    head_labels = head["template"]["metadata"]["labels"]
+    worker_labels = cluster["workerGroupSpecs"][0]["template"]["metadata"]["labels"]
+    assert matches(policy["spec"]["podSelector"], head_labels)
+    assert matches(policy["spec"]["podSelector"], worker_labels)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    here = {"same": True}
+    if kind == "raycluster":
+        cron = by_kind(render(cli_runner, "--job", NIGHTLY, "--kind", "cronjob"), "CronJob")
+        submitter = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    else:
+        run = job if kind == "raycronjob" else by_kind(docs, "RayJob")["spec"]
+        assert_valid(crd_validator("ray.io_rayjobs.yaml"),
+                     {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "x"}, "spec": run})
+        submitter = run["submitterPodTemplate"]["metadata"]["labels"]
+        assert run["submitterPodTemplate"]["spec"]["containers"][0]["image"] == container["image"]
+    assert admitted(policy, submitter, 8265, here)
+    assert not admitted(policy, submitter, 6379, here)  # the dashboard only
+    assert admitted(policy, worker_labels, 6379, here) and admitted(policy, head_labels, 8265, here)
+    operator = {"app.kubernetes.io/component": "kuberay-operator", "app.kubernetes.io/name": "kuberay"}
+    assert admitted(policy, operator, 8265, {"kubernetes.io/metadata.name": "ops"})
+    assert not admitted(policy, operator, 8265, {"kubernetes.io/metadata.name": "kuberay-system"})
+    for stranger in ({}, {"app": "web"}, {**submitter, "app.kubernetes.io/instance": "another-job"}):
+        assert not admitted(policy, stranger, 8265, here), stranger
+    assert not admitted(policy, submitter, 8265, {"kubernetes.io/metadata.name": "elsewhere"})
 
 
 def test_cluster_shape_for_cpu_and_gpu_specs():
