@@ -244,11 +244,15 @@ class JobSpec:
         """(min, max) predict actors (equal for a fixed pool)."""
         return worker_range(self.workers)
 
-    def resolved(self, *, cpus: float, gpus: float) -> "JobSpec":
-        """The spec with its auto values chosen for a cluster of `cpus` CPUs and `gpus` GPUs:
-        on GPUs, two actors per GPU, batch 16, bf16; on CPUs, one single-threaded actor
-        per core (up to MAX_CPU_WORKERS), sharing the CPUs that one decode task leaves,
-        batch 4, fp32. Values that were given are kept."""
+    def resolved(self, *, cpus: float, gpus: float, nodes: int = 1,
+                 node_cpus: float | None = None) -> "JobSpec":
+        """The spec with its auto values chosen for a cluster of `cpus` CPUs and `gpus` GPUs
+        on `nodes` nodes, the smallest with `node_cpus` CPUs: on GPUs, two actors per GPU,
+        batch 16, bf16; on CPUs, one single-threaded actor per core (up to
+        MAX_CPU_WORKERS), sharing the CPUs that one decode task leaves on each node, batch 4,
+        fp32. Values that were given are kept."""
+        nodes = max(1, int(nodes))
+        node_cpus = cpus / nodes if node_cpus is None else node_cpus
         gpus_per_worker = self.gpus_per_worker
         if gpus_per_worker == AUTO:
             gpus_per_worker = GPU_SHARE if gpus >= 1 else 0.0
@@ -258,13 +262,17 @@ class JobSpec:
             workers = (max(1, int(gpus / gpus_per_worker + 1e-9)) if on_gpu
                        else max(1, min(int(cpus), MAX_CPU_WORKERS)))
         most = worker_range(workers)[1]
-        decode_cpus = min(self.decode_cpus, max(cpus / 2, 0.1))
+        decode_cpus = min(self.decode_cpus, max(node_cpus / 2, 0.1))
+        # Actors spread over the nodes; each node must keep room for a decode task, or a
+        # node full of actors starves them (the smallest node bounds the share).
+        per_node = -(-most // nodes)
         cpus_per_worker = self.cpus_per_worker
         if cpus_per_worker == AUTO:
-            cpus_per_worker = 1.0 if on_gpu else round(max(cpus - decode_cpus, 0.1) / most, 3)
+            cpus_per_worker = 1.0 if on_gpu else round(max(min(
+                (cpus - decode_cpus * nodes) / most, (node_cpus - decode_cpus) / per_node), 0.1), 3)
         torch_threads = self.torch_threads
         if torch_threads is None and not on_gpu:
-            torch_threads = max(1, int(cpus // most))
+            torch_threads = max(1, int(node_cpus // per_node))
         return self.replace(
             gpus_per_worker=gpus_per_worker, workers=workers, cpus_per_worker=cpus_per_worker,
             decode_cpus=decode_cpus, torch_threads=torch_threads,

@@ -196,12 +196,16 @@ def ray_start_failure(exc: BaseException) -> str:
     return ray_temp_full() or (lines[-1][:300] if lines else type(exc).__name__)
 
 
-def cluster_size() -> tuple[float, float]:
-    """(CPUs, GPUs) of the Ray cluster this process is connected to."""
+def cluster_size() -> dict[str, float]:
+    """The Ray cluster this process is connected to: its CPUs and GPUs, its live nodes with
+    CPUs, and the CPUs of the smallest of them (`JobSpec.resolved`'s arguments)."""
     import ray
 
     resources = ray.cluster_resources()
-    return float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    per_node = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    per_node = [c for c in per_node if c > 0] or [float(resources.get("CPU", 1))]
+    return {"cpus": float(resources.get("CPU", 1)), "gpus": float(resources.get("GPU", 0)),
+            "nodes": len(per_node), "node_cpus": min(per_node)}
 
 
 def actor_pool(spec: JobSpec):
@@ -440,12 +444,14 @@ class LeasedRun:
 
         ctx = self.ctx
         ensure_ray(self.spec.address)
-        cpus, gpus = cluster_size()
-        self.spec = ctx.spec.resolved(cpus=cpus, gpus=gpus)
+        size = cluster_size()
+        cpus, gpus, nodes = size["cpus"], size["gpus"], int(size["nodes"])
+        self.spec = ctx.spec.resolved(**size)
         self.feed = feed_for(self.spec, cpus)
         chosen = self.spec.chosen(ctx.spec)
         if chosen:
-            ctx.echo(f"auto for {cpus:g} CPUs, {gpus:g} GPUs: {chosen}")
+            on = f" on {nodes} nodes" if nodes > 1 else ""
+            ctx.echo(f"auto for {cpus:g} CPUs, {gpus:g} GPUs{on}: {chosen}")
         data_ctx = DataContext.get_current()
         data_ctx.enable_progress_bars = False
         data_ctx.print_on_execution_start = False
@@ -454,13 +460,13 @@ class LeasedRun:
         # Resume: the done set is read by Ray tasks, one piece per shard, never here.
         files = data_files(ctx.output)
         shards = shard_count(self.spec, len(files))
-        done_refs = load_done_set(ctx.output, files, ctx.meta, shards)
+        skip_status = ("ok",) if self.spec.retry_errors else ("ok", "error")
+        done_refs = load_done_set(ctx.output, files, ctx.meta, shards, skip_status)
         self.schema = schema_with_metadata(ctx.meta)
         self.writers = start_shard_writers(
             shards, output=ctx.output, run_id=ctx.run_id, generation=ctx.lease.generation,
             schema=self.schema, rows_per_file=self.spec.rows_per_file,
-            commit_interval_s=COMMIT_INTERVAL_S, done_refs=done_refs,
-            skip_status=("ok",) if self.spec.retry_errors else ("ok", "error"),
+            commit_interval_s=COMMIT_INTERVAL_S, done_refs=done_refs, skip_status=skip_status,
             counter=self.counter)
         self.result.startup_s = time.time() - ctx.t_start
         self.t_label = time.time()

@@ -10,6 +10,9 @@ with token authentication the same question.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -74,8 +77,13 @@ def test_a_cluster_without_tokens_is_refused_unless_insecure(open_cluster, cli_r
         assert res.output.strip() == refusal, args
     assert all(path in ("/api/authentication_mode", "/api/version") for path, _ in seen), seen
 
-    res = cli_runner.invoke(cli, ["list", "--insecure"], env=env)
-    assert res.exit_code == 0, res.output
-    assert res.output.strip() == f"no drn-label jobs on the Ray cluster at {url}"
+    # In a process of its own, as a user runs it: Ray's client caches whether token auth is
+    # on at its first look, and an earlier test in this process may have turned it on.
+    fresh = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    fresh.update(RAY_ADDRESS=url, RAY_AUTH_TOKEN="a-secret-token")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "list", "--insecure"], env=fresh,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"no drn-label jobs on the Ray cluster at {url}"
     assert ("/api/jobs/", None) in seen
     assert {auth for _, auth in seen} == {None}, "a cluster that ignores tokens is sent none"

@@ -99,6 +99,20 @@ def test_auto_values_fill_the_cluster(cpus, gpus, chosen):
                                          "--batch-size 16, --precision bf16")
 
 
+@pytest.mark.parametrize(("workers", "cpus_per_worker", "torch_threads"), [
+    ("auto", 0.5, 1), (2, 1.0, 2), ("1-4", 0.5, 1)])
+def test_every_node_keeps_room_for_a_decode_task(workers, cpus_per_worker, torch_threads):
+    """Two nodes of 2 CPUs: actors spread over both, and each node keeps a CPU for a decode
+    task (2 actors of 1.5 CPUs, one a node, starved the decoding and the run waited forever)."""
+    spec = JobSpec(input="a", output="b", workers=workers).validate()
+    resolved = spec.resolved(cpus=4, gpus=0, nodes=2, node_cpus=2)
+    assert (resolved.cpus_per_worker, resolved.torch_threads) == (cpus_per_worker, torch_threads)
+    per_node = -(-resolved.worker_range()[1] // 2)
+    assert per_node * resolved.cpus_per_worker + resolved.decode_cpus <= 2
+    one_node = spec.resolved(cpus=2, gpus=0, nodes=1, node_cpus=2)  # after one is lost
+    assert one_node.worker_range()[1] * one_node.cpus_per_worker + one_node.decode_cpus <= 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "in", "out", "--batch-size", "0"], "Invalid value for '--batch-size'"),
     (["run", "in", "out", "--precision", "fp8"], "Invalid value for '--precision'"),

@@ -132,13 +132,20 @@ def test_an_object_store_that_throttles_is_waited_for_one_that_refuses_is_not():
                              what="OUTPUT s3://b/o: cannot write data/x", budget_s=30)
 
 
-def _probe_from_a_process(args: tuple[str, float, int]) -> list[str]:
-    """One "run": wait for the common start instant, then probe OUTPUT `times` times."""
+_BARRIER = None
+
+
+def _meet_at(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def _probe_from_a_process(args: tuple[str, int]) -> list[str]:
+    """One "run": wait until every process is ready, then probe OUTPUT `times` times."""
     from pipeline.job.run import check_output
 
-    output, start, times = args
-    while time.time() < start:
-        pass
+    output, times = args
+    _BARRIER.wait(timeout=120)
     failures = []
     for _ in range(times):
         try:
@@ -148,27 +155,30 @@ def _probe_from_a_process(args: tuple[str, float, int]) -> list[str]:
     return failures
 
 
+def _probe_together(output: str, times: int) -> list[str]:
+    """8 processes probing at the same instant. Spawned, not forked: the test process holds
+    Ray's and the test servers' threads, and a fork taken while one of them holds a lock
+    hangs the child."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(8)
+    with ctx.Pool(8, initializer=_meet_at, initargs=(barrier,)) as pool:
+        parts = pool.map(_probe_from_a_process, [(output, times)] * 8, chunksize=1)
+    return [f for part in parts for f in part]
+
+
 def test_runs_probing_output_at_the_same_instant_never_trip_on_each_other(tmp_path):
     """Runs starting together used to delete each other's `_write_check` (`Cannot delete
     file`, exit 1 instead of 4: 2 of 800 probes from 8 processes failed so). Every probe now
     writes a name of its own: 8 processes x 40 probes of a new OUTPUT (probed at its root)
     and 8 x 20 of one with its folders, none fails, none is left behind."""
-    import multiprocessing
-
-    import pipeline.job.run  # noqa: F401 - imported once, before the fork
-
     output = str(tmp_path / "out")
-    start = time.time() + 0.5
-    with multiprocessing.get_context("fork").Pool(8) as pool:
-        failures = [f for part in pool.map(_probe_from_a_process, [(output, start, 40)] * 8) for f in part]
-    assert failures == []
+    assert _probe_together(output, 40) == []
     assert list((tmp_path / "out").iterdir()) == []  # no probe left behind, no folder made
     (tmp_path / "out" / "data").mkdir()  # once the folders exist, they are what is probed
     (tmp_path / "out" / "_state").mkdir()
-    with multiprocessing.get_context("fork").Pool(8) as pool:
-        failures = [f for part in pool.map(_probe_from_a_process, [(output, time.time() + 0.5, 20)] * 8)
-                    for f in part]
-    assert failures == []
+    assert _probe_together(output, 20) == []
     assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
 
 
