@@ -4,8 +4,10 @@ Image ids are hashed into `shards` partitions (`pipeline.store.reconcile.shard_o
 writer of a shard is a Ray actor that
 
 - holds the shard's done set (this identity's committed ids, read by Ray tasks from
-  OUTPUT's files and handed over as object references, never through the driver), and
-  answers the skip stage's "which of these are still to label?";
+  OUTPUT's files and handed over as object references, never through the driver) as an
+  `IdSet` of 128-bit digests, sorted and spilled to a mapped file (16 bytes an id, paged
+  by the kernel, instead of ~100 bytes a Python string), and answers the skip stage's
+  "which of these are still to label?";
 - buffers the shard's labelled rows and commits them as one Parquet file whenever
   `rows_per_file` rows are waiting or the oldest has waited `commit_interval_s`, so
   commits keep pace with labelling at any N and whatever else competes for the CPUs;
@@ -29,15 +31,20 @@ the run can never report success with rows missing.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import JobError, StorageError
 from pipeline.store.fs import storage_retry_s, with_storage_retries, write_table_atomic
+from pipeline.store.idset import IdSet, digests
 from pipeline.store.lease import LeaseLost, check_lease
 from pipeline.store.output import data_file_name
 from pipeline.store.reconcile import shard_of
@@ -113,23 +120,27 @@ class ShardWriter:
         self.schema, self.rows_per_file = schema, rows_per_file
         self.commit_interval_s, self.counter = commit_interval_s, counter
         self.storage_retry_s = storage_retry_s
-        existing = skip = 0
-        done: set[str] = set()
-        self.skip: set[str] = set()
-        for piece in ray.get(list(done_refs)) if done_refs else []:
-            ids = piece.column("image_id").to_pylist()
-            existing += len(ids)
-            done.update(ids)
-            if set(skip_status) == {"ok", "error"}:
-                continue
-            for image_id, status in zip(ids, piece.column("status").to_pylist()):
-                if status in skip_status:
-                    self.skip.add(image_id)
-        if set(skip_status) == {"ok", "error"}:
+        # The sets' files live on this node's temp disk, removed when the writer finishes.
+        self.ids_dir = os.path.join(tempfile.gettempdir(), "drn-label-ids", f"{run_id}-{shard}")
+        done_parts, skip_parts, existing = [], [], 0
+        for ref in done_refs or []:
+            keys, skip = ray.get(ref)
+            existing += len(keys)
+            done_parts.append(keys)
+            if skip is not None:
+                skip_parts.append(skip)
+        done = IdSet(self.ids_dir)
+        repeats = done.add_sorted(done_parts)
+        del done_parts
+        if _skips_all(skip_status):
             self.skip = done
-        self.existing, self.existing_duplicates = existing, existing - len(done)
-        del done, skip
-        self.seen: set[str] = set()  # buffered or committed by this run
+        else:  # --retry-errors: the ids of error rows are labelled again
+            done.close()
+            self.skip = IdSet(self.ids_dir)
+            self.skip.add_sorted(skip_parts)
+        del skip_parts
+        self.existing, self.existing_duplicates = existing, repeats
+        self.seen = IdSet(self.ids_dir)  # buffered or committed by this run
         self.repeated = 0  # rows dropped because this run already had their image id
         self.duplicates = 0  # input rows the skip stage dropped (an earlier row has the id)
         self._count_lock = threading.Lock()  # never held while committing
@@ -149,8 +160,9 @@ class ShardWriter:
         """LABEL, DONE or DUPLICATE for each id of one block (in the input's order): an id's
         first row is labelled unless OUTPUT has it; its later rows are duplicates."""
         answer, first = [], set()
-        for image_id in image_ids:
-            if image_id in self.skip:
+        keys = digests(image_ids)
+        for image_id, done in zip(image_ids, self.skip.contains(keys).tolist()):
+            if done:
                 answer.append(DONE)
             elif image_id in first:
                 answer.append(DUPLICATE)
@@ -173,11 +185,13 @@ class ShardWriter:
             if self.failed:
                 raise StorageError(self.failed)
             ids = table.column("image_id").to_pylist()
-            new = []
-            for k, image_id in enumerate(ids):  # the first row of an id wins, in table order
-                if image_id not in self.seen:
-                    self.seen.add(image_id)
+            keys = digests(ids)
+            new, first = [], set()
+            for k, had in enumerate(self.seen.contains(keys).tolist()):
+                if not had and ids[k] not in first:  # an id's first row wins, in table order
+                    first.add(ids[k])
                     new.append(k)
+            self.seen.add(keys[new])
             self.repeated += len(ids) - len(new)
             if len(new) < len(ids):
                 table = table.take(pa.array(new, pa.int64()))
@@ -240,10 +254,35 @@ class ShardWriter:
                 except (LeaseLost, StorageError):
                     pass
             committed = sum(f.rows for f in self.files)
+            self.close_sets()
             return ShardResult(files=tuple(self.files), repeated=self.repeated + self.duplicates,
                                lost=self.lost, existing=self.existing,
                                existing_duplicates=self.existing_duplicates, failed=self.failed,
                                accepted=self.accepted, uncommitted=self.accepted - committed)
+
+
+    def close_sets(self) -> None:
+        """Remove the done set's and the seen set's files (the run is over for this shard)."""
+        for ids in {id(self.skip): self.skip, id(self.seen): self.seen}.values():
+            ids.close()
+        shutil.rmtree(self.ids_dir, ignore_errors=True)
+
+
+def _skips_all(skip_status) -> bool:
+    return set(skip_status) >= {"ok", "error"}
+
+
+def digest_piece(piece: pa.Table, skip_status) -> tuple[np.ndarray, np.ndarray | None]:
+    """One piece of a shard's done set as sorted digests (`pipeline.store.idset`): every
+    committed id, and (unless every status is skipped) the ids whose status is skipped."""
+    ids = piece.column("image_id").to_pylist()
+    keys = digests(ids)
+    skip = None
+    if not _skips_all(skip_status):
+        wanted = np.isin(np.asarray(piece.column("status").to_pylist(), dtype=object),
+                         list(skip_status))
+        skip = np.sort(keys[wanted])
+    return np.sort(keys), skip
 
 
 def uncommitted_error(cause: str, committed_ok: int, committed_errors: int, committed_files: int,
@@ -280,10 +319,11 @@ def driver_node():
                                           soft=False)
 
 
-def load_done_set(output: str, files: list[str], meta, shards: int,
+def load_done_set(output: str, files: list[str], meta, shards: int, skip_status: tuple[str, ...],
                   files_per_task: int = 64) -> list[list]:
     """Object references of the done set's pieces, per shard: Ray tasks read OUTPUT's files
-    (`files_per_task` each) and split their ids by shard; the driver holds references only."""
+    (`files_per_task` each), split their ids by shard and digest them (`digest_piece`); the
+    driver holds references only."""
     import ray
 
     from pipeline.store.reconcile import done_pieces
@@ -292,7 +332,7 @@ def load_done_set(output: str, files: list[str], meta, shards: int,
     if not files:
         return refs
     def pieces_of(paths: list[str]):
-        pieces = done_pieces(output, paths, meta, shards)
+        pieces = [digest_piece(p, skip_status) for p in done_pieces(output, paths, meta, shards)]
         return pieces[0] if shards == 1 else tuple(pieces)
 
     task = ray.remote(num_cpus=0.5, num_returns=shards)(pieces_of)

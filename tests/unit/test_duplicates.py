@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from pipeline.job.commit import DONE, DUPLICATE, LABEL, ShardWriter
 from pipeline.store.fs import write_table_atomic
+from pipeline.store.idset import digests
 from pipeline.store.lease import acquire_lease
 from pipeline.store.output import SCHEMA, OutputMetadata, data_files, schema_with_metadata
 from pipeline.store.reconcile import drop_replaced_rows
@@ -35,7 +36,7 @@ def test_the_first_row_of_an_id_wins_within_a_block_and_at_the_writer(tmp_path):
     writer = ShardWriter(output=output, run_id="r1", generation=lease.generation, shard=0, schema=SCHEMA,
                          rows_per_file=100, commit_interval_s=3600,
                          done_refs=[], skip_status=("ok", "error"))
-    writer.skip.add("old")  # what the done set holds (read by Ray tasks in a run)
+    writer.skip.add(digests(["old"]))  # what the done set holds (read by Ray tasks in a run)
     assert writer.to_label(["a", "b", "a", "old", "c", "a", "old"]) == [
         LABEL, LABEL, DUPLICATE, DONE, LABEL, DUPLICATE, DONE]
     # Two rows of one id in one table (never sent together by the skip stage, but a
