@@ -17,6 +17,16 @@ stopped the way `drn-label stop` does (SIGTERM to its process group) and anythin
 its Ray is killed. Usage:
 
     python bench/scale.py --sizes 10000,100000,1000000 --window 60
+
+`--incremental N --new M` measures a rerun instead: OUTPUT already holds N committed rows
+(copies of one real row under N ids, in files of `--file-rows` rows, written straight to
+Parquet), the manifest lists those N ids and M new ones, and the rerun labels the M to the
+end. While it runs, the proportional memory (PSS from /proc/PID/smaps_rollup: anonymous +
+shared memory, which the done sets live in, apart from file-backed pages the kernel can
+drop) of every process of the run is summed every 0.5 s; the peak of the sum, the driver's
+peak RSS and the peak per process kind are printed:
+
+    python bench/scale.py --incremental 10000000 --new 2000 --run-arg=--rows-per-file --run-arg=10000
 """
 from __future__ import annotations
 
@@ -143,6 +153,108 @@ def measure(manifest: Path, output: Path, window: float, run_args: list[str]) ->
             "images_per_s": samples[-1][1] / span if span else 0.0}
 
 
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """Pss_Anon, Pss_Shmem and Pss_File of one process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Pss_Anon", "Pss_Shmem", "Pss_File"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def kind_of(proc: psutil.Process) -> str:
+    """A process's role: Ray's process title (ray::ShardWriter, ray::IDLE, raylet, ...)."""
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return "?"
+    first = cmd[0] if cmd else proc.name()
+    if first.startswith("ray::"):
+        return first.split()[0].split(".")[0].split("(")[0][:40]
+    if "pipeline.cli" in " ".join(cmd):
+        return "driver"
+    return os.path.basename(first)[:40]
+
+
+def seed_output(output: Path, template_run: list[str], manifest_small: Path, n: int,
+                file_rows: int) -> None:
+    """OUTPUT with `n` committed rows: a real run labels a few images (the output's metadata
+    and one real row), then copies of its first row under ids img-0 .. img-(n-1) are written
+    as data files of `file_rows` rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    shutil.rmtree(output, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(manifest_small), str(output),
+                    *template_run], env=env, check=True, stdout=subprocess.DEVNULL)
+    data = output / "data"
+    files = sorted(data.glob("*.parquet"))
+    template = pq.read_table(files[0])
+    row = template.slice(0, 1)
+    for f in files:
+        f.unlink()
+    for start in range(0, n, file_rows):
+        count = min(file_rows, n - start)
+        ids = pc.binary_join_element_wise(
+            "img-", pc.cast(pa.array(range(start, start + count), pa.int64()), pa.string()), "")
+        table = row.take(pa.array([0] * count, pa.int64()))
+        table = table.set_column(table.schema.get_field_index("image_id"), "image_id", ids)
+        pq.write_table(table, data / f"part-seed-{start // file_rows:07d}.parquet")
+
+
+def measure_incremental(manifest: Path, output: Path, run_args: list[str]) -> dict:
+    """Run to the end over a seeded OUTPUT; peak summed PSS of the run's processes."""
+    mark = uuid.uuid4().hex
+    ray_tmp = tempfile.mkdtemp(prefix="drnscale-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(DRN_BENCH_MARK=mark, RAY_TMPDIR=ray_tmp, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(manifest), str(output),
+                             *run_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    peak_total, peak_split, peak_kinds, driver_rss = 0, {}, {}, 0
+    try:
+        while proc.poll() is None:
+            total, split, kinds = 0, {"anon+shmem": 0, "file": 0}, {}
+            for p in marked(mark) + [psutil.Process(proc.pid)]:
+                try:
+                    r = smaps_rollup(p.pid)
+                except (OSError, psutil.Error):
+                    continue
+                mine = r.get("Pss_Anon", 0) + r.get("Pss_Shmem", 0)
+                split["anon+shmem"] += mine
+                split["file"] += r.get("Pss_File", 0)
+                kind = kind_of(p)
+                kinds[kind] = kinds.get(kind, 0) + mine
+                total += mine
+                if p.pid == proc.pid:
+                    driver_rss = max(driver_rss, p.memory_info().rss)
+            if total > peak_total:
+                peak_total, peak_split, peak_kinds = total, split, kinds
+            time.sleep(0.5)
+        log = proc.stdout.read().decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for left in marked(mark):
+            try:
+                left.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return {"rc": proc.returncode, "wall_s": time.time() - t0,
+            "peak_pss_anon_shmem_mib": peak_total / 2**20,
+            "file_backed_at_peak_mib": peak_split.get("file", 0) / 2**20,
+            "driver_peak_rss_mib": driver_rss / 2**20,
+            "by_kind_at_peak_mib": {k: round(v / 2**20) for k, v in
+                                    sorted(peak_kinds.items(), key=lambda kv: -kv[1])},
+            "last_lines": log.strip().splitlines()[-3:]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -152,10 +264,25 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/drn-scale")
     parser.add_argument("--run-arg", action="append", default=[],
                         help="extra `drn-label run` argument (repeat)")
+    parser.add_argument("--incremental", type=int, default=None,
+                        help="N: measure a rerun over an OUTPUT of N committed rows")
+    parser.add_argument("--new", type=int, default=2000, help="with --incremental: new images")
+    parser.add_argument("--file-rows", type=int, default=10000, help="with --incremental: rows a file")
     args = parser.parse_args()
     work = Path(args.workdir)
     pool = make_pool(work / "pool", args.pool, args.side)
     run_args = ["--model", "drn_d_22", "--num-classes", "3", "--batch-size", "8", *args.run_arg]
+    if args.incremental is not None:
+        n = args.incremental
+        output = work / f"out-incremental-{n}"
+        small = make_manifest(work / "manifest-8.parquet", 8, pool)
+        t = time.time()
+        seed_output(output, run_args, small, n, args.file_rows)
+        print(f"seeded {output} with {n:,} rows in {time.time() - t:.0f}s", flush=True)
+        manifest = make_manifest(work / f"manifest-{n + args.new}.parquet", n + args.new, pool)
+        figures = measure_incremental(manifest, output, run_args)
+        print(json.dumps({"committed": n, "new": args.new, **figures}, indent=1))
+        return
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         manifest = make_manifest(work / f"manifest-{n}.parquet", n, pool)

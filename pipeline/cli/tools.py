@@ -70,7 +70,9 @@ def export(output: str, fmt: str, out: Path, colour: bool, polygons: bool, model
 
 @click.command(epilog=example("drn-label bench --images 64 --size 256 --skip-naive"))
 @click.option("--images", "count", type=click.IntRange(min=8), default=300)
-@click.option("--size", type=click.IntRange(min=16), default=512)
+@click.option("--size", type=click.IntRange(min=16), default=512, help="Image height (and width).")
+@click.option("--width", type=click.IntRange(min=16), default=None,
+              help="Image width [default: --size]: e.g. --size 1024 --width 2048.")
 @click.option("--model", "arch", default="drn_d_22")
 @click.option("--num-classes", type=click.IntRange(min=2), default=19)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -85,14 +87,15 @@ def export(output: str, fmt: str, out: Path, colour: bool, polygons: bool, model
 @click.option("--memory-sizes", default=None,
               help="Comma-separated image counts (e.g. 1000,5000): pipeline peak memory at each.")
 @click.option("--run-arg", "run_args", multiple=True, help="Extra option for `drn-label run` (repeatable).")
-def bench(count, size, arch, num_classes, batch_size, workdir, device, skip_plain, stand_in,
+def bench(count, size, width, arch, num_classes, batch_size, workdir, device, skip_plain, stand_in,
           png_levels, memory_sizes, run_args) -> None:
     """Measure the bare model, the full pipeline and one plain process on the same images."""
     from pipeline.tools.bench import run_bench
 
     run_bench(count=count, size=size, arch=arch, num_classes=num_classes, batch_size=batch_size,
               workdir=workdir, device=device, skip_plain=skip_plain, png_levels=png_levels,
-              memory_sizes=memory_sizes, run_args=run_args, stand_in=stand_in, echo=click.echo)
+              memory_sizes=memory_sizes, run_args=run_args, stand_in=stand_in, width=width,
+              echo=click.echo)
 
 
 @click.command(epilog=example("drn-label demo", "drn-label demo --dir /tmp/demo --images 8"))

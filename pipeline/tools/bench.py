@@ -34,22 +34,38 @@ from pipeline.store.reader import read_progress, read_runs
 
 
 # -- inputs ---------------------------------------------------------------------------------
-def make_images(root: Path, count: int, size: int, *, fmt: str = "jpg", seed: int = 0) -> list[Path]:
-    """`count` synthetic scenes of size x size as JPEG (or PNG) files; cached by name."""
+def make_images(root: Path, count: int, size: int, *, fmt: str = "jpg", seed: int = 0,
+                width: int | None = None) -> list[Path]:
+    """`count` synthetic scenes of size x `width` (default size) as JPEG (or PNG) files,
+    cached by name; made by a process per core when there are many."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = [root / f"{i:06d}.{fmt}" for i in range(count)]
+    todo = [(i, p) for i, p in enumerate(paths) if not p.exists()]
+    jobs = [(i, str(p), size, width or size, fmt, seed) for i, p in todo]
+    if len(jobs) >= 200 and (os.cpu_count() or 1) > 2:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawned: a fork of a process that already runs Ray's threads can hang
+        with ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_make_image, jobs, chunksize=16))
+    else:
+        for job in jobs:
+            _make_image(job)
+    return paths
+
+
+def _make_image(job: tuple) -> None:
     import cv2
 
     from pipeline.training.synth import render_sample
 
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = root / f"{i:06d}.{fmt}"
-        if not path.exists():
-            rgb, _ = render_sample(i % 997, size=size, seed=seed)
-            cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 90] if fmt == "jpg" else [])
-        paths.append(path)
-    return paths
+    i, path, size, width, fmt, seed = job
+    rgb, _ = render_sample(i % 997, size=size, seed=seed)
+    if width != size:
+        rgb = cv2.resize(rgb, (width, size), interpolation=cv2.INTER_LINEAR)
+    cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                [cv2.IMWRITE_JPEG_QUALITY, 90] if fmt == "jpg" else [])
 
 
 # -- memory sampling ------------------------------------------------------------------------
@@ -223,7 +239,7 @@ def _mib(n: int) -> str:
 def run_bench(*, count: int, size: int, arch: str, num_classes: int, batch_size: int | None,
               workdir: Path | None, device: str, skip_plain: bool, png_levels: bool,
               memory_sizes: str | None, run_args: Sequence[str], stand_in: bool = False,
-              echo: Callable[[str], None] = print) -> None:
+              width: int | None = None, echo: Callable[[str], None] = print) -> None:
     """Measure the bare model, the full pipeline and one plain process on the same images;
     print the figures with `echo` (one run, so ratios compare like with like).
 
@@ -240,12 +256,13 @@ def run_bench(*, count: int, size: int, arch: str, num_classes: int, batch_size:
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="drn-label-bench-")
         workdir = Path(tmp.name)
-    img_dir = workdir / f"images-{size}-{count}"
+    width = width or size
+    img_dir = workdir / (f"images-{size}-{count}" if width == size else f"images-{size}x{width}-{count}")
     model_name = "the stand-in (zero logits)" if stand_in else arch
     echo(f"machine: {os.cpu_count()} CPUs, device {dev}, torch {torch.__version__} "
-         f"({torch.get_num_threads()} threads); {count} images {size}x{size} JPEG; "
+         f"({torch.get_num_threads()} threads); {count} images {size}x{width} JPEG; "
          f"{model_name}, {num_classes} classes, batch {batch_size or 'default'}")
-    files = make_images(img_dir, count, size)
+    files = make_images(img_dir, count, size, width=width)
     # The plain process runs with the batch size the pipeline chose (its run record says).
     plain_job = lambda batch: JobSpec(input=str(img_dir), output=str(workdir), model=arch,  # noqa: E731
                                       num_classes=num_classes, batch_size=batch,
