@@ -68,7 +68,7 @@ def export(output: str, fmt: str, out: Path, colour: bool, polygons: bool, model
         click.echo(f"labelling config: {engine.config_path(out)}")
 
 
-@click.command(epilog=example("drn-label bench --images 64 --size 256 --skip-naive"))
+@click.command(epilog=example("drn-label bench --images 64 --size 256 --skip-plain"))
 @click.option("--images", "count", type=click.IntRange(min=8), default=300)
 @click.option("--size", type=click.IntRange(min=16), default=512, help="Image height (and width).")
 @click.option("--width", type=click.IntRange(min=16), default=None,

@@ -83,3 +83,40 @@ def test_environment_variables_set_options(cli_runner, tmp_path):
     res = cli_runner.invoke(cli, ["run", str(tmp_path), str(tmp_path / "o")],
                             env={"DRN_LABEL_RUN_WORKERS": "5-1"})
     assert res.exit_code == 2 and "Invalid value for '--workers'" in res.output
+
+
+def _commands(group, path=()):
+    import click
+
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        yield (*path, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*path, name))
+
+
+def test_every_help_example_names_options_the_command_has():
+    """The example each --help ends with parses: no option it shows is unknown to the command
+    (an input it names may not exist here; that is the user's to supply)."""
+    import shlex
+
+    import click
+
+    checked = 0
+    for path, cmd in _commands(cli):
+        for line in (cmd.epilog or "").splitlines():
+            lexer = shlex.shlex(line.strip(), posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True
+            words = list(lexer)
+            words = next((words[:i] for i, w in enumerate(words) if w in {">", "|", "&&", ";"}), words)
+            if words[:1] != ["drn-label"] or tuple(words[1:1 + len(path)]) != path:
+                continue
+            try:
+                cmd.make_context(" ".join(path), words[1 + len(path):])
+            except (click.NoSuchOption, click.BadOptionUsage) as exc:
+                pytest.fail(f"{line.strip()!r}: {exc.format_message()}")
+            except click.UsageError as exc:
+                assert "unexpected extra argument" not in exc.format_message(), line
+            checked += 1
+    assert checked >= 15, checked
