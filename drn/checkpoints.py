@@ -122,6 +122,18 @@ class Checkpoint:
         data = (self.meta or {}).get("label_set")
         return LabelSet.from_dict(data) if data else None
 
+    @property
+    def temperature(self) -> float:
+        """The temperature the logits are divided by (drn.calibration), 1.0 unless the
+        checkpoint was calibrated."""
+        from drn.calibration import check_temperature
+
+        value = (self.meta or {}).get("temperature", 1.0)
+        try:
+            return check_temperature(value)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.source}: {exc}") from None
+
 
 @dataclass(frozen=True)
 class ReleasedWeights:
@@ -373,7 +385,7 @@ def load_checkpoint(source: str | os.PathLike, *, cache_dir: str | os.PathLike |
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (built by ``drn.create_model``) in the project's format:
     ``{"format": "drn-label/1", "arch", "task", "num_classes", "label_set",
-    "state_dict"}``, so ``create_model(arch, weights=path)`` needs nothing else.
+    "state_dict"}`` (and ``"temperature"`` when it is not 1), so ``create_model(arch, weights=path)`` needs nothing else.
     The file is written to a temporary name and renamed into place
     (``drn.io.atomic_write``)."""
     config = getattr(model, "drn_config", None)
@@ -387,6 +399,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
         "label_set": config.label_set.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    if config.temperature != 1.0:
+        payload["temperature"] = float(config.temperature)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:

@@ -40,6 +40,7 @@ class ModelConfig:
     label_set: LabelSet
     weights_sha256: str
     weights_source: str | None
+    temperature: float = 1.0  # logits are divided by it before probabilities (drn.calibration)
 
     def __post_init__(self) -> None:
         if self.label_set is None:
@@ -192,5 +193,6 @@ def create_model(
         label_set=label_set,
         weights_sha256=weights_sha256,
         weights_source=checkpoint.source if checkpoint is not None else None,
+        temperature=checkpoint.temperature if full else 1.0,
     )
     return model

@@ -49,6 +49,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from drn.calibration import check_temperature
 from drn.labels import IMAGENET_MEAN, IMAGENET_STD, mask_dtype
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ class Predictor:
         tta_flip: bool = False,
         probs_stride: int | None = None,
         compile: bool = False,  # noqa: A002 - torch's word for it
+        temperature: float | None = None,
     ) -> None:
         self.device = pick_device(device)
         precision = pick_precision(precision, self.device)
@@ -233,6 +235,10 @@ class Predictor:
         self.model = _runnable(model, self.device, self.channels_last)
         cfg = getattr(model, "drn_config", None)
         self.num_classes = int(cfg.num_classes) if cfg is not None else None
+        # Logits are divided by the model's calibrated temperature (drn.calibration) before
+        # any probability: the masks stay the same, the confidences become honest.
+        self.temperature = check_temperature(
+            getattr(cfg, "temperature", 1.0) if temperature is None else temperature)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         # The same constants for the channels-last (N x H x W x 3) layout images arrive in.
@@ -298,6 +304,11 @@ class Predictor:
         return device_statistics(logits, logits.shape[1], self.probs_stride)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's float32 logits for a normalised batch, divided by the temperature."""
+        logits = self._raw_logits(x)
+        return logits if self.temperature == 1.0 else logits.div_(self.temperature)
+
+    def _raw_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's float32 logits for a normalised batch; with TTA, the mean over scales
         (and flips) of the log-probabilities, resized back to the input size."""
         if not self.tta_scales and not self.tta_flip:

@@ -94,6 +94,16 @@ class DivergedError(FloatingPointError):
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """The temperature stored with the checkpoint and what it did on the validation pixels."""
+
+    temperature: float
+    pixels: int
+    ece_before: float  # expected calibration error of the raw logits
+    ece_after: float  # ... of the logits divided by the temperature
+
+
+@dataclass(frozen=True)
 class TrainResult:
     checkpoint: Path
     arch: str
@@ -106,6 +116,7 @@ class TrainResult:
     best_epoch: int | None = None  # the epoch whose weights `checkpoint` holds (None: the last)
     stopped_early: bool = False
     lr: float | None = None  # the base learning rate used
+    calibration: "Calibration | None" = None  # fitted on the validation images (None: none held out)
 
     @property
     def best_miou(self) -> float | None:
@@ -455,6 +466,8 @@ def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, 
                                  "(changed since?); give --restart (resume=False) to start over")
             weights = checkpoint.state_dict
         model.load_state_dict(weights)
+    # Training changes the logits: a temperature that came with --init no longer holds.
+    model.drn_config = dataclasses.replace(model.drn_config, temperature=1.0)
     model.to(device_).train()
 
     params = [p for p in model.parameters() if p.requires_grad]  # the bilinear `up` stays fixed
@@ -505,6 +518,14 @@ def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, 
     def best_miou() -> float:
         return next((h.val_miou for h in history if h.epoch == best_epoch), -1.0) or -1.0
 
+    calibration: list[Calibration] = []
+
+    def calibrate() -> None:
+        calibration.append(calibrate_checkpoint(out, arch, val_pairs, label_set, device_))
+        c = calibration[-1]
+        log(f"calibrated on {c.pixels} validation pixels: temperature {c.temperature:.3f}, "
+            f"expected calibration error {c.ece_before:.4f} -> {c.ece_after:.4f}")
+
     started = time.perf_counter()
     for epoch in range(done, epochs):
         dataset.set_epoch(epoch)
@@ -552,7 +573,8 @@ def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, 
                          and stats.epoch >= epochs // 2)
         finished = epoch + 1 == epochs or stopped_early
         _save(model, optimizer, out, state_file, label_set, arch, settings, stats.epoch, iteration,
-              history, finished, best=improved, best_epoch=best_epoch, stopped_early=stopped_early)
+              history, finished, best=improved, best_epoch=best_epoch, stopped_early=stopped_early,
+              calibrate=calibrate if val_pairs else None)
         log(f"epoch {stats.epoch}/{epochs}  loss {stats.loss:.4f}  lr {stats.lr:.5f}  "
             f"{stats.seconds:.1f}s  {stats.images_per_second:.1f} images/s"
             + (f"  val mIoU {val_miou:.4f}" + (" (best)" if improved else "")
@@ -564,11 +586,12 @@ def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, 
     model.eval()
     return TrainResult(out, arch, history[-1].epoch if history else done, iteration, done,
                        time.perf_counter() - started, label_set, tuple(history), best_epoch,
-                       stopped_early, lr)
+                       stopped_early, lr, calibration[-1] if calibration else None)
 
 
 def _save(model, optimizer, out, state_file, label_set, arch, settings, epoch, iteration, history,
-          finished, *, best: bool, best_epoch: int | None, stopped_early: bool):
+          finished, *, best: bool, best_epoch: int | None, stopped_early: bool,
+          calibrate: Callable[[], None] | None = None):
     """Training state and, when `best`, the checkpoint (the project's format), atomically."""
     from drn.checkpoints import sha256_file
 
@@ -588,6 +611,8 @@ def _save(model, optimizer, out, state_file, label_set, arch, settings, epoch, i
         # Checkpoint first, then a small record that names it: the run is complete.
         if best:
             _save_checkpoint(model, out)
+        if calibrate is not None:
+            calibrate()  # rewrites the checkpoint with its temperature
         record.update(model=None, optimizer=None, checkpoint_sha256=sha256_file(out))
         _atomic_torch_save(record, state_file)
     else:
@@ -654,3 +679,45 @@ def evaluate_pairs(model, pairs, label_set, device: torch.device) -> ConfusionMa
         cm.update(prediction.mask, gt)
     model.train(was_training)
     return cm
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration (drn.calibration): one temperature, fitted on the validation images
+
+
+@torch.no_grad()
+def calibration_pixels(model, pairs, label_set, device: torch.device, *,
+                       max_pixels: int = 1_000_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (P x C, on the CPU) and classes (P) of the labelled pixels of ``pairs`` at full
+    image size: at most ``max_pixels``, spread evenly over the images and within each."""
+    mean = torch.tensor(label_set.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(label_set.std, device=device).view(1, 3, 1, 1)
+    per_image = max(1, max_pixels // max(1, len(pairs)))
+    logits, classes = [], []
+    for image_path, mask_path in pairs:
+        rgb = torch.from_numpy(np.ascontiguousarray(read_rgb(image_path))).to(device)
+        x = (rgb.permute(2, 0, 1)[None].float() / 255.0 - mean) / std
+        z = model(x)[0].flatten(1).t()  # pixels x classes
+        y = torch.from_numpy(read_mask(mask_path, label_set.num_classes,
+                                       label_set.ignore_index).reshape(-1).astype(np.int64))
+        keep = torch.nonzero(y != label_set.ignore_index).squeeze(1)
+        if len(keep) > per_image:
+            keep = keep[torch.linspace(0, len(keep) - 1, per_image).long()]
+        logits.append(z[keep.to(device)].float().cpu())
+        classes.append(y[keep])
+    return torch.cat(logits), torch.cat(classes)
+
+
+def calibrate_checkpoint(out: Path, arch: str, pairs, label_set, device: torch.device) -> Calibration:
+    """Fit the temperature of the checkpoint ``out`` on ``pairs`` and store it there."""
+    import drn
+    from drn.calibration import expected_calibration_error, fit_temperature
+
+    model = drn.create_model(arch, weights=out).to(device).eval()
+    config = model.drn_config
+    logits, classes = calibration_pixels(model, pairs, label_set, device)
+    temperature = fit_temperature(logits, classes)  # the model's own logits, never divided
+    model.drn_config = dataclasses.replace(config, temperature=temperature)
+    _save_checkpoint(model, out)
+    return Calibration(temperature, len(classes), expected_calibration_error(logits, classes),
+                       expected_calibration_error(logits, classes, temperature=temperature))

@@ -214,3 +214,26 @@ def test_a_diverging_default_learning_rate_is_lowered_and_restarted(tmp_path, ti
               log=lines.append)
     restarts = [line for line in lines if "starting over with lr" in line]
     assert [r.rsplit(" ", 1)[1] for r in restarts] == ["1.25e+08", "3.125e+07"]  # 1e9 x 4/8, quartered twice
+
+
+def test_training_with_validation_stores_a_calibrated_temperature(tmp_path, tiny_set):
+    """The temperature is fitted on the validation images of the kept epoch, stored in
+    the checkpoint (its state record names the rewritten file: a rerun has nothing to do)
+    and said in the log with the calibration error before and after."""
+    out = tmp_path / "model.pt"
+    lines: list[str] = []
+    result = train(tiny_set, arch="drn_d_22", out=out, epochs=2, batch_size=4, size=32,
+                   val_dir=tiny_set, log=lines.append)
+    cal = result.calibration
+    assert cal is not None and cal.pixels > 0 and 0.05 <= cal.temperature <= 20
+    assert cal.ece_after <= cal.ece_before + 1e-6
+    assert drn.load_checkpoint(out).temperature == pytest.approx(cal.temperature)
+    assert drn.create_model("drn_d_22", weights=out).drn_config.temperature == pytest.approx(cal.temperature)
+    assert any(line.startswith("calibrated on ") and f"temperature {cal.temperature:.3f}" in line
+               for line in lines)
+    again = train(tiny_set, arch="drn_d_22", out=out, epochs=2, batch_size=4, size=32, log=lines.append)
+    assert again.seconds == 0.0
+    # Without validation images there is nothing to fit: the checkpoint stays at 1.
+    plain = train(tiny_set, arch="drn_d_22", out=tmp_path / "p.pt", epochs=1, batch_size=4,
+                  size=32, val_split=0, log=lines.append)
+    assert plain.calibration is None and drn.load_checkpoint(tmp_path / "p.pt").temperature == 1.0
