@@ -86,6 +86,23 @@ def marked(mark: str) -> list[psutil.Process]:
     return found
 
 
+
+def stop_run(proc, mark: str, ray_tmp, *, graceful: bool) -> None:
+    """End a benchmarked run: SIGTERM to its process group (SIGKILL after 60 s) or SIGKILL
+    at once, then any process left with the run's mark, then its Ray folder."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    for left in marked(mark):
+        try:
+            left.kill()
+        except psutil.Error:
+            pass
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
 def measure(manifest: Path, output: Path, window: float, run_args: list[str]) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     mark = uuid.uuid4().hex
@@ -118,18 +135,7 @@ def measure(manifest: Path, output: Path, window: float, run_args: list[str]) ->
                 break
             time.sleep(0.2)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        for left in marked(mark):
-            try:
-                left.kill()
-            except psutil.Error:
-                pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        stop_run(proc, mark, ray_tmp, graceful=True)
     lags, uncommitted = [], 0
     for t, labelled, committed in samples:
         uncommitted = max(uncommitted, labelled - committed)
@@ -238,14 +244,7 @@ def measure_incremental(manifest: Path, output: Path, run_args: list[str]) -> di
             time.sleep(0.5)
         log = proc.stdout.read().decode(errors="replace")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for left in marked(mark):
-            try:
-                left.kill()
-            except psutil.Error:
-                pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        stop_run(proc, mark, ray_tmp, graceful=False)
     return {"rc": proc.returncode, "wall_s": time.time() - t0,
             "peak_pss_anon_shmem_mib": peak_total / 2**20,
             "file_backed_at_peak_mib": peak_split.get("file", 0) / 2**20,
