@@ -217,34 +217,41 @@ def _body(run_id: str, generation: int) -> dict:
 # -- the lease ------------------------------------------------------------------------------
 @dataclass
 class Lease:
-    """A held lease: renewed by compare-and-swap against the version this run last wrote."""
+    """A held lease: renewed by compare-and-swap against the version this run last wrote.
+
+    The heartbeat thread and the run's own last check both renew it: one lock makes each
+    swap start from the version the previous one wrote, or a run would see its own
+    heartbeat's write as another run's and give up its lease."""
 
     output: str
     run_id: str
     generation: int
     _token: object = field(repr=False, default=None)
     lost: str | None = None  # why it was lost, once it is
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def renew(self) -> bool:
         """Refresh the heartbeat. False (and `lost` set) once another run has the lease or it
         is gone: then nothing is written, the lease is never re-created."""
-        if self.lost:
-            return False
-        token = _swap(self.output, self._token, _body(self.run_id, self.generation))
-        if token is None:
-            holder = lease_holder(self.output)
-            self.lost = (f"run {self.run_id} lost the lease on OUTPUT {self.output} "
-                         + (f"to run {holder}" if holder else "(another run took it over and "
-                            "released it)"))
-            log.error("%s", self.lost)
-            return False
-        self._token = token
-        return True
+        with self._lock:
+            if self.lost:
+                return False
+            token = _swap(self.output, self._token, _body(self.run_id, self.generation))
+            if token is None:
+                holder = lease_holder(self.output)
+                self.lost = (f"run {self.run_id} lost the lease on OUTPUT {self.output} "
+                             + (f"to run {holder}" if holder else "(another run took it over "
+                                "and released it)"))
+                log.error("%s", self.lost)
+                return False
+            self._token = token
+            return True
 
     def release(self) -> None:
         """Remove the lease if it is still this run's (compare-and-swap, never another's)."""
-        if not self.lost:
-            _swap(self.output, self._token, None)
+        with self._lock:
+            if not self.lost:
+                _swap(self.output, self._token, None)
 
     def keeper(self, interval: float | None = None) -> "LeaseKeeper":
         return LeaseKeeper(self, interval if interval is not None else max(0.2, lease_ttl_s() / 6))
