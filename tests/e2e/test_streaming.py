@@ -41,9 +41,15 @@ def progress(output: Path) -> dict | None:
 
 
 def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """The command in its own session, with Ctrl-C's signal at its default: a shell's
+    background job (CI under `nohup ... &`) ignores SIGINT, and a child inherits that."""
     with open(log, "ab") as out:
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def kill_all(proc: subprocess.Popen, mark: str) -> None:
