@@ -165,12 +165,20 @@ class ProgressReporter:
     def __init__(self, progress: Progress, poll: Callable[[], dict] | None, *,
                  save: Callable[[Progress], None], stream: TextIO | None = None,
                  interval: float = 2.0, print_interval: float = 10.0,
-                 heartbeat: Callable[[], None] | None = None) -> None:
+                 heartbeat: Callable[[], None] | None = None,
+                 stall_s: float | None = None, on_stall: Callable[[float], None] | None = None) -> None:
         self.progress, self.poll, self.save = progress, poll, save
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval, self.print_interval = interval, print_interval
         self.heartbeat = heartbeat
+        # A run whose counts stand still for `stall_s` (no image listed, labelled or
+        # committed) calls `on_stall(seconds)` once: a worker that can never come back
+        # (a node lost from a cluster with no room for it elsewhere) must not hang the run.
+        self.stall_s, self.on_stall = stall_s, on_stall
+        self._counts: tuple | None = None
+        self._moved_t = time.monotonic()
+        self.stalled = False
         self._t0 = time.time()  # labelling starts when the reporter does
         self._eta = EtaEstimator(self._t0)
         self._last_print = 0.0
@@ -223,9 +231,20 @@ class ProgressReporter:
             self.stream.flush()
             self._last_print = time.time()
 
+    def _watch(self) -> None:
+        p, now = self.progress, time.monotonic()
+        counts = (p.labelled, p.labelled_ok + p.labelled_errors, p.committed, p.total, p.skipped)
+        if counts != self._counts:
+            self._counts, self._moved_t = counts, now
+        elif (self.stall_s and self.on_stall is not None and not self.stalled
+              and now - self._moved_t >= self.stall_s):
+            self.stalled = True
+            self.on_stall(now - self._moved_t)
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self.update()
+            self._watch()
             try:
                 self.save(self.progress)
                 if self.heartbeat:

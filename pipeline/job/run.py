@@ -29,7 +29,8 @@ from pipeline.job.precheck import check_inputs, nothing_to_do
 from pipeline.job.progress import Progress, ProgressReporter, format_duration
 from pipeline.job.stages import RowIdentity
 from pipeline.spec import JobSpec
-from pipeline.store.fs import os_error_text, probe_writable, resolve, write_bytes_atomic
+from pipeline.store.fs import (os_error_text, probe_writable, resolve, storage_retry_s,
+                               write_bytes_atomic)
 from pipeline.store.lease import Lease, LeaseLost, acquire_lease
 from pipeline.store.output import (DATA_DIR, PROGRESS_FILE, RUNS_DIR, STATE_DIR, OutputMetadata,
                                    data_files, foreign_files, schema_with_metadata)
@@ -396,24 +397,31 @@ class LeasedRun:
         self.schema: pa.Schema | None = None
         self.feed: Feed | None = None
         self.t_label = time.time()  # set again when labelling starts
+        self.stall = StallAlarm()
 
     def run(self) -> RunResult:
-        state, stopped_by = "failed", None
+        state, stopped_by, stalled = "failed", None, None
         try:
             self.prepare_output()
             self.start_workers()
-            self.label()
-            self.reconcile(self.collect())
+            with self.stall:  # labelling is watched; reconciling may take long on its own
+                self.label()
+                shard_results = self.collect()
+            self.reconcile(shard_results)
             state = "finished"
+        except Stalled as exc:  # the writers still commit what they hold
+            stalled = exc
         except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM (a SystemExit)
             if stop_exit_code(exc) is None:
                 state = "interrupted"
                 raise
             state, stopped_by = "interrupted", exc
         finally:
-            self.close(state, stopped=stopped_by is not None)
+            self.close(state, stopped=stopped_by is not None or stalled is not None)
         if stopped_by is not None:
             raise RunInterrupted(self.result, stopped_by) from None
+        if stalled is not None:
+            raise JobError(self.stalled_error(stalled.seconds)) from None
         result, spec = self.result, self.spec
         labelled = result.ok + result.errors
         if spec.max_error_rate is not None and labelled and result.errors / labelled > spec.max_error_rate:
@@ -473,7 +481,8 @@ class LeasedRun:
         counter = self.counter
         self.reporter = ProgressReporter(
             self.progress, lambda: ray.get(counter.snapshot.remote(), timeout=10),
-            save=self.save_progress, stream=ctx.stream).start()
+            save=self.save_progress, stream=ctx.stream,
+            stall_s=self.stall.after_s(), on_stall=self.stall.ring).start()
 
     def label(self) -> None:
         """Run the Ray Data graph to its end; a lost lease, bad input and storage that kept
@@ -588,6 +597,25 @@ class LeasedRun:
                 self.ctx.echo(f"warning: cannot write the run record {RUNS_DIR}/"
                               f"{self.ctx.run_id}.json: {os_error_text(exc)}")
 
+    def stalled_error(self, seconds: float) -> str:
+        import ray
+
+        result, size = self.result, ""
+        try:
+            free, total = ray.available_resources(), ray.cluster_resources()
+            size = (f"; the Ray cluster now has {len([n for n in ray.nodes() if n.get('Alive')])} "
+                    f"live nodes, {free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPUs and "
+                    f"{free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPUs free")
+        except Exception:  # noqa: BLE001 - the message stands without the figures
+            pass
+        return (f"no image was listed, labelled or committed for {seconds:.0f} s: the run's "
+                f"Ray workers are stuck (a node lost with one of them on it, or --workers/"
+                f"--cpus-per-worker/--gpus-per-worker asking for more than the cluster "
+                f"holds){size}. OUTPUT {self.ctx.output} holds {result.ok + result.errors} rows "
+                f"of this run ({result.ok} ok, {result.errors} errors); rerun the same command "
+                f"once the cluster has room (nothing is labelled twice). {STALL_ENV} sets this "
+                f"wait in seconds (0: wait for ever)")
+
     # -- records -----------------------------------------------------------------------------
     def save_progress(self, progress: Progress) -> None:
         write_bytes_atomic(self.ctx.output, PROGRESS_FILE, progress.to_json().encode())
@@ -601,6 +629,71 @@ class LeasedRun:
 def _lost(ctx: RunContext, why: str) -> JobError:
     return JobError(f"{why}; it committed nothing after losing it and leaves the rest to the "
                     f"run that holds the lease")
+
+
+STALL_S = 900.0
+"""How long a run waits with nothing listed, labelled or committed before it ends itself."""
+STALL_ENV = "DRN_LABEL_STALL_S"
+
+
+class Stalled(BaseException):
+    """Raised in the main thread when a run's counts stood still for the stall time (a
+    BaseException, so that no `except Exception` on the way swallows it, like Ctrl-C)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no progress for {seconds:.0f} s")
+        self.seconds = seconds
+
+
+class StallAlarm:
+    """Ends a stalled run from the progress thread: `ring` makes the main thread raise
+    Stalled wherever it waits (a Ray Data loop, a `ray.get`). The signal is simulated
+    (`_thread.interrupt_main(SIGUSR1)`), never sent, and only while the alarm is armed (while
+    the run labels, in the main thread); outside the main thread a run waits as before."""
+
+    def __init__(self) -> None:
+        self.armed, self.seconds, self._old = False, 0.0, None
+
+    @staticmethod
+    def after_s() -> float | None:
+        """`DRN_LABEL_STALL_S` (default 900 s; 0 turns the alarm off), at least a minute
+        more than storage writes are retried (a writer waiting on a full disk is not a stall)."""
+        raw = os.environ.get(STALL_ENV, "")
+        try:
+            seconds = float(raw) if raw.strip() else STALL_S
+        except ValueError:
+            seconds = STALL_S
+        return None if seconds <= 0 else max(seconds, storage_retry_s() + 60.0)
+
+    def __enter__(self) -> "StallAlarm":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGUSR1, self._raise)
+            self.armed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        self.armed = False
+        if self._old is not None:
+            signal.signal(signal.SIGUSR1, self._old)
+            self._old = None
+
+    def ring(self, seconds: float) -> None:
+        import _thread
+        import signal
+
+        self.seconds = seconds
+        if self.armed:
+            _thread.interrupt_main(signal.SIGUSR1)
+
+    def _raise(self, signum, frame) -> None:
+        if self.armed:
+            self.armed = False
+            raise Stalled(self.seconds)
 
 
 STOP_COMMIT_S = 10.0

@@ -336,7 +336,9 @@ def _alive_nodes(head: Head) -> int:
 def test_two_nodes_a_worker_node_killed_mid_run_leaves_every_image_once(head, tmp_path):
     """A second node joins the head (`ray start --address`, loopback); a run labels through
     the cluster, every process of the worker node is SIGKILLed once rows are committed, and
-    the run (or, if it failed, its rerun) leaves every image exactly once."""
+    the run (or, if it failed, its rerun) leaves every image exactly once. A run whose
+    worker cannot come back (its node gone, no room on the head) ends itself when nothing
+    moves for the stall time, with one error line, instead of waiting for ever."""
     from tests.e2e.test_faults import assert_each_once, read_rows
 
     images, out = _images(tmp_path / "in", 120), tmp_path / "out"
@@ -357,7 +359,8 @@ def test_two_nodes_a_worker_node_killed_mid_run_leaves_every_image_once(head, tm
              f"--runtime-env-agent-port={ports[4]}", f"--metrics-export-port={ports[5]}",
              "--disable-usage-stats"],
             env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    run_env = head.env(RAY_ADDRESS=f"127.0.0.1:{head.gcs}", RAY_AUTH_MODE="token")
+    run_env = head.env(RAY_ADDRESS=f"127.0.0.1:{head.gcs}", RAY_AUTH_MODE="token",
+                       DRN_LABEL_STALL_S="30", DRN_LABEL_STORAGE_RETRY_S="10")  # a 70 s stall
     command = [sys.executable, "-m", "pipeline.cli", "run", str(images), str(out), *SMALL_JOB,
                "--workers", "2", "--rows-per-file", "10"]
     run = None
@@ -385,6 +388,9 @@ def test_two_nodes_a_worker_node_killed_mid_run_leaves_every_image_once(head, tm
         if worker.poll() is None:
             worker.wait(timeout=10)
     if rc != 0:  # the run may fail with the node; its rerun finishes the job
+        text = (tmp_path / "run.log").read_text()
+        assert rc == 1 and "Traceback" not in text, text[-3000:]
+        assert [x for x in text.splitlines() if x.startswith("error: ")], text[-3000:]
         again = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=400)
         assert again.returncode == 0, (again.stderr[-3000:], (tmp_path / "run.log").read_text()[-3000:])
     assert_each_once(read_rows(out), image_ids)

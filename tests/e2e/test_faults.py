@@ -809,6 +809,7 @@ def test_a_disk_that_fills_during_a_run_loses_no_row(ray_session, small_fs, tmp_
 
     small_fs.free()
     monkeypatch.setenv("DRN_LABEL_STORAGE_RETRY_S", "120")
+    monkeypatch.setenv("DRN_LABEL_STALL_S", "60")  # a stuck rerun ends after 180 s, saying why
     filler = fill_after_a_commit(free_after=3.0)
     rerun = cli_runner.invoke(cli, ["run", str(inputs), str(output), *flags])
     filler.join()

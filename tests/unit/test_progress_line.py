@@ -108,3 +108,71 @@ def test_the_summary_shows_start_up_apart():
     assert stopped.summary() == ("interrupted: 104 ok, 0 errors committed, 36 of the 140 images "
                                  "listed so far not; 10 were already labelled; 104 images in 12.0s "
                                  "of labelling (8.7 images/s) after 13.0s of start-up; output: /out")
+
+
+def _snap(labelled: int) -> dict:
+    return dict(labelled_ok=labelled, labelled_errors=0, committed_ok=labelled, committed_errors=0,
+                committed_files=1, listed=100, skipped=0, first_t=None, first_n=0, last_t=None)
+
+
+def test_counts_that_stand_still_ring_the_stall_alarm_once():
+    """The progress thread calls on_stall once when no count has moved for stall_s; while
+    images keep being labelled it never does."""
+    import threading
+
+    from pipeline.job.progress import ProgressReporter
+
+    rang: list[float] = []
+    rung = threading.Event()
+    labelled = iter(range(1, 10**6))
+    moving = ProgressReporter(Progress(run_id="r", output="o"), lambda: _snap(next(labelled)),
+                              save=lambda p: None, stream=open("/dev/null", "w"), interval=0.01,
+                              stall_s=0.05, on_stall=lambda s: (rang.append(s), rung.set()))
+    moving.start()
+    while next(labelled) < 60:  # the counts move on every poll: dozens of polls, no alarm
+        threading.Event().wait(0.005)
+    moving.finish("finished")
+    assert rang == [] and not moving.stalled
+
+    still = ProgressReporter(Progress(run_id="r", output="o"), lambda: _snap(7), save=lambda p: None,
+                             stream=open("/dev/null", "w"), interval=0.01, stall_s=0.05,
+                             on_stall=lambda s: (rang.append(s), rung.set()))
+    still.start()
+    assert rung.wait(30)
+    threading.Event().wait(0.1)  # more polls of the same counts: the alarm rang once
+    still.finish("failed")
+    assert len(rang) == 1 and rang[0] >= 0.05 and still.stalled
+
+
+def test_the_stall_alarm_stops_the_main_thread_where_it_waits(monkeypatch):
+    """Rung from another thread, the armed alarm raises Stalled in the main thread inside a
+    wait; disarmed (out of its block) it does nothing, and SIGUSR1's handler is put back."""
+    import signal
+    import threading
+    import time
+
+    import pytest
+
+    from pipeline.job.run import StallAlarm, Stalled
+
+    before = signal.getsignal(signal.SIGUSR1)
+    alarm = StallAlarm()
+    with pytest.raises(Stalled) as stopped:
+        with alarm:
+            threading.Timer(0.05, alarm.ring, args=(42.0,)).start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert stopped.value.seconds == 42.0 and not alarm.armed
+    assert signal.getsignal(signal.SIGUSR1) == before
+    alarm.ring(1.0)  # disarmed: nothing happens
+    time.sleep(0.05)
+
+    monkeypatch.setenv("DRN_LABEL_STALL_S", "0")
+    assert StallAlarm.after_s() is None
+    monkeypatch.setenv("DRN_LABEL_STALL_S", "30")
+    monkeypatch.setenv("DRN_LABEL_STORAGE_RETRY_S", "10")
+    assert StallAlarm.after_s() == 70.0  # a writer retrying a full disk is not a stall
+    monkeypatch.delenv("DRN_LABEL_STALL_S")
+    monkeypatch.delenv("DRN_LABEL_STORAGE_RETRY_S")
+    assert StallAlarm.after_s() == 900.0
