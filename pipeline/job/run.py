@@ -7,6 +7,7 @@ the first image do not grow with the number of inputs.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -487,29 +488,45 @@ class LeasedRun:
     def label(self) -> None:
         """Run the Ray Data graph to its end; a lost lease, bad input and storage that kept
         failing become JobErrors."""
-        import ray
-
-        from pipeline.job.commit import uncommitted_error
         from pipeline.job.sink import LabelDatasink
 
         ctx = self.ctx
         sink = LabelDatasink(self.writers, self.schema)
+        error = None
         try:
             build_dataset(self.spec, ctx.plan, ctx.meta, ctx.run_id, self.writers,
                           self.counter, self.feed).write_datasink(sink, ray_remote_args={"num_cpus": 0})
         except Exception as exc:  # noqa: BLE001 - a lost lease, bad input, storage are translated
-            for cls in (LeaseLost, InputError):
-                cause = _find_cause(exc, cls)
-                if cause is not None:
-                    raise (_lost(ctx, str(cause).split(":")[0]) if cls is LeaseLost
-                           else JobError(str(cause))) from None
-            cause = _find_cause(exc, StorageError)
-            if cause is not None:
-                snap = ray.get(self.counter.snapshot.remote(), timeout=30)
-                raise uncommitted_error(str(cause), snap["committed_ok"], snap["committed_errors"],
-                                        snap["committed_files"]) from None
-            raise
+            error = self.translated(exc)
+            if error is None:
+                raise
+        if error is not None:
+            # Raised here, not in the except block: Ray's error would stay chained to ours,
+            # and its traceback holds the executor and with it the predict actors, which a
+            # caller that keeps the error (one process running run after run) never gets back.
+            raise error
         self.result.label_s = time.time() - self.t_label
+
+    def translated(self, exc: Exception) -> JobError | None:
+        """The JobError a lost lease, bad input or storage that kept failing becomes; None
+        for anything else."""
+        import ray
+
+        from pipeline.job.commit import uncommitted_error
+
+        ctx = self.ctx
+        lost = _find_cause(exc, LeaseLost)
+        if lost is not None:
+            return _lost(ctx, str(lost).split(":")[0])
+        bad = _find_cause(exc, InputError)
+        if bad is not None:
+            return JobError(str(bad))
+        storage = _find_cause(exc, StorageError)
+        if storage is not None:
+            snap = ray.get(self.counter.snapshot.remote(), timeout=30)
+            return uncommitted_error(str(storage), snap["committed_ok"], snap["committed_errors"],
+                                     snap["committed_files"])
+        return None
 
     def collect(self) -> list:
         """The writers commit what they still hold; count what was committed. Returns the
@@ -588,6 +605,11 @@ class LeasedRun:
                     ray.kill(actor)
                 except Exception:  # noqa: BLE001
                     pass
+        if state != "finished":
+            # A failed graph leaves its executor in reference cycles (Ray's error and its
+            # traceback) that hold the predict actors and their CPUs and GPUs: free them now,
+            # so that a next run in this process gets the cluster back.
+            gc.collect()
         result.state = state
         result.wall_s = time.time() - self.ctx.t_start
         if not self.ctx.lease.lost:  # a run that lost the lease writes nothing more into OUTPUT

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from pipeline.cli import cli
 from pipeline.store.fs import resolve
@@ -806,6 +807,12 @@ def test_a_disk_that_fills_during_a_run_loses_no_row(ray_session, small_fs, tmp_
     assert f"; OUTPUT holds {rows.num_rows} rows of this run ({rows.num_rows} ok, 0 errors) in " in line
     assert "rerun the same command once the storage works again" in line
     assert len(set(rows.column("image_id").to_pylist())) == rows.num_rows
+    # The failed run gave its CPUs back, though its error (in `failed`) is still held here:
+    # the rerun in this process gets the whole cluster.
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.time() < deadline, f"the failed run still holds CPUs: {ray.available_resources()}"
+        time.sleep(0.2)
 
     small_fs.free()
     monkeypatch.setenv("DRN_LABEL_STORAGE_RETRY_S", "120")
