@@ -771,9 +771,10 @@ def _record(spec: JobSpec, meta: OutputMetadata, result: RunResult, t_start: flo
                    "duplicates": result.duplicates,
                    "files": max(len(result.files), result.files_committed)},
         "timings": {"started_at": datetime.fromtimestamp(t_start, timezone.utc).isoformat(),
-                    "wall_s": round(result.wall_s, 3), "startup_s": round(result.startup_s, 3),
-                    "label_s": round(result.label_s, 3),
-                    "images_per_s": round(result.images_per_s, 3)},
+                    # Unrounded: the progress bar and the summary print these very figures,
+                    # and a rounded copy can print differently (8.1496 -> 8.1s, 8.150 -> 8.2s).
+                    "wall_s": round(result.wall_s, 3), "startup_s": result.startup_s,
+                    "label_s": result.label_s, "images_per_s": result.images_per_s},
         "files": result.files,
         "host": socket.gethostname(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

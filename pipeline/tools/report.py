@@ -287,6 +287,11 @@ window.addEventListener('load', function () {
 """
 
 
+def _figure(value) -> str:
+    """A run record's rate as the run printed it (one decimal); blank when it has none."""
+    return f"{value:.1f}" if isinstance(value, (int, float)) else ""
+
+
 def _table(headers: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
@@ -324,7 +329,7 @@ def render(output: str, meta: OutputMetadata, stats: Stats, items: list[GalleryI
                          (r.get("model") or {}).get("arch", ""),
                          ((r.get("model") or {}).get("weights_sha256") or "")[:12],
                          counts.get("ok", 0), counts.get("errors", 0), counts.get("skipped_existing", 0),
-                         timings.get("wall_s", ""), timings.get("images_per_s", "")])
+                         timings.get("wall_s", ""), _figure(timings.get("images_per_s"))])
     runs_html = _table(["run", "state", "started", "model", "weights", "ok", "errors",
                         "already labelled", "wall s", "images/s"], run_rows) if run_rows else "<p>No run records.</p>"
     other_html = ""
