@@ -233,7 +233,7 @@ class ProgressReporter:
 
     def _watch(self) -> None:
         p, now = self.progress, time.monotonic()
-        counts = (p.labelled, p.labelled_ok + p.labelled_errors, p.committed, p.total, p.skipped)
+        counts = (p.labelled_ok + p.labelled_errors, p.committed, p.total, p.skipped)
         if counts != self._counts:
             self._counts, self._moved_t = counts, now
         elif (self.stall_s and self.on_stall is not None and not self.stalled

@@ -30,8 +30,8 @@ from pipeline.job.precheck import check_inputs, nothing_to_do
 from pipeline.job.progress import Progress, ProgressReporter, format_duration
 from pipeline.job.stages import RowIdentity
 from pipeline.spec import JobSpec
-from pipeline.store.fs import (os_error_text, probe_writable, resolve, storage_retry_s,
-                               write_bytes_atomic)
+from pipeline.store.fs import (env_seconds, os_error_text, probe_writable, resolve,
+                               storage_retry_s, write_bytes_atomic)
 from pipeline.store.lease import Lease, LeaseLost, acquire_lease
 from pipeline.store.output import (DATA_DIR, PROGRESS_FILE, RUNS_DIR, STATE_DIR, OutputMetadata,
                                    data_files, foreign_files, schema_with_metadata)
@@ -680,11 +680,7 @@ class StallAlarm:
     def after_s() -> float | None:
         """`DRN_LABEL_STALL_S` (default 900 s; 0 turns the alarm off), at least a minute
         more than storage writes are retried (a writer waiting on a full disk is not a stall)."""
-        raw = os.environ.get(STALL_ENV, "")
-        try:
-            seconds = float(raw) if raw.strip() else STALL_S
-        except ValueError:
-            seconds = STALL_S
+        seconds = env_seconds(STALL_ENV, STALL_S)
         return None if seconds <= 0 else max(seconds, storage_retry_s() + 60.0)
 
     def __enter__(self) -> "StallAlarm":

@@ -237,13 +237,19 @@ _PERMANENT_TEXT = ("ACCESS_DENIED", "AccessDenied", "NoSuchBucket", "NO_SUCH_BUC
                    "Permission denied", "Read-only file system", "InvalidAccessKeyId")
 
 
+def env_seconds(name: str, default: float) -> float:
+    """Seconds from the environment variable `name`; `default` when it is unset, empty or
+    not a number."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        return default
+
+
 def storage_retry_s() -> float:
     """The retry budget in force: ``DRN_LABEL_STORAGE_RETRY_S`` when set, else 120 s."""
-    raw = os.environ.get("DRN_LABEL_STORAGE_RETRY_S")
-    try:
-        return max(0.0, float(raw)) if raw else STORAGE_RETRY_S
-    except ValueError:
-        return STORAGE_RETRY_S
+    return max(0.0, env_seconds("DRN_LABEL_STORAGE_RETRY_S", STORAGE_RETRY_S))
 
 
 def is_transient(exc: BaseException) -> bool:

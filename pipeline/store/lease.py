@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from pipeline.errors import LeaseHeld
-from pipeline.store.fs import is_local, resolve
+from pipeline.store.fs import env_seconds, is_local, resolve
 from pipeline.store.output import LEASE_FILE, STATE_DIR
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,7 @@ LOCK_FILE = f"{STATE_DIR}/lease.lock"
 
 def lease_ttl_s() -> float:
     """The TTL in force: ``DRN_LABEL_LEASE_TTL_S`` when set (tests shorten it), else 60 s."""
-    raw = os.environ.get("DRN_LABEL_LEASE_TTL_S")
-    try:
-        return float(raw) if raw else LEASE_TTL_S
-    except ValueError:
-        return LEASE_TTL_S
+    return env_seconds("DRN_LABEL_LEASE_TTL_S", LEASE_TTL_S)
 
 
 class LeaseLost(RuntimeError):
