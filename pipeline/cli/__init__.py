@@ -221,6 +221,11 @@ with_envvars(cli, None)
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
+    # Before any command loads torch (OpenMP reads it once, when it loads): idle OpenMP
+    # threads sleep instead of spinning, so training and CPU labelling keep their share of
+    # cores that other work also uses (docs/benchmarks.md, "Fair share"). A user's own
+    # value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli.main(args=argv, prog_name="drn-label")
 
 

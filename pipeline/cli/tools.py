@@ -106,7 +106,7 @@ def demo(root: Path, count: int) -> None:
     """Label sample images with a trained DRN on an embedded local Ray, and score the labels."""
     from pipeline.tools.demo import run_demo
 
-    run_demo(root, count, echo=click.echo, echo_err=lambda m: click.echo(m, err=True))
+    run_demo(root, count, echo=click.echo)
 
 
 @click.command("push", epilog=example(

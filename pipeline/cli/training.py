@@ -57,9 +57,12 @@ def synth(directory: Path, count: int, size: int, seed: int, num_classes: int) -
                    "validation mIoU (0: never).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Torch threads on a CPU; 0 picks the fastest count by timing batches, "
+                   "and picks again as the machine's load changes.")
 @click.option("--restart", is_flag=True, help="Start over instead of resuming from OUT's training state.")
 def train(data, arch, out, epochs, batch_size, size, init, classes, lr, scale_range, val_dir, val_split,
-          patience, seed, device, restart) -> None:
+          patience, seed, device, threads, restart) -> None:
     """Train or fine-tune a DRN segmentation model on DATA (images/ + masks/ [+ classes.json]).
 
     The authors' recipe (random scale, crop, flip, SGD with the poly schedule, ignore index
@@ -84,7 +87,8 @@ def train(data, arch, out, epochs, batch_size, size, init, classes, lr, scale_ra
         result = train_fn(data, arch=arch, out=out, epochs=epochs, batch_size=batch_size, size=size,
                           init=init, classes=classes, lr=lr, scale_range=(lo, hi), seed=seed,
                           device=device, val_dir=val_dir, val_split=val_split,
-                          patience=patience or None, resume=not restart, log=click.echo)
+                          patience=patience or None, resume=not restart, threads=threads,
+                          log=click.echo)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:  # the data or checkpoint given
         raise UsageError(str(exc)) from None
     best = (f", best epoch {result.best_epoch} (val mIoU {result.best_miou:.4f})"

@@ -146,16 +146,20 @@ class EtaEstimator:
         return max(countdown, max(left - self.in_flight, 0) / self.rate)
 
 
+def draw_bar(fraction: float, width: int = 24) -> str:
+    """[#####-------]: `fraction` (0 to 1) of `width` filled."""
+    filled = int(width * min(max(fraction, 0.0), 1.0))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
 def format_line(p: Progress) -> str:
     if p.state == "running" and not p.total and not p.skipped:
         return f"starting: listing the inputs, loading the model ({p.elapsed_s:.0f}s)"
     done = p.labelled
     pct = 100.0 * done / p.total if p.total else 100.0
-    width = 24
-    filled = int(width * min(done, p.total) / p.total) if p.total else width
-    bar = "#" * filled + "-" * (width - filled)
+    bar = draw_bar(min(done, p.total) / p.total if p.total else 1.0)
     eta = f"{p.eta_s:.0f}s" if p.eta_s is not None else "?"
-    return (f"[{bar}] {done}/{p.total} ({pct:.0f}%)  errors {p.labelled_errors}  "
+    return (f"{bar} {done}/{p.total} ({pct:.0f}%)  errors {p.labelled_errors}  "
             f"{p.images_per_s:.1f} img/s  ETA {eta}")
 
 
@@ -166,8 +170,10 @@ class ProgressReporter:
                  save: Callable[[Progress], None], stream: TextIO | None = None,
                  interval: float = 2.0, print_interval: float = 10.0,
                  heartbeat: Callable[[], None] | None = None,
-                 stall_s: float | None = None, on_stall: Callable[[float], None] | None = None) -> None:
+                 stall_s: float | None = None, on_stall: Callable[[float], None] | None = None,
+                 show: Callable[[Progress, bool], None] | None = None) -> None:
         self.progress, self.poll, self.save = progress, poll, save
+        self.show = show  # draws the progress instead of the line below, when given
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval, self.print_interval = interval, print_interval
@@ -222,6 +228,9 @@ class ProgressReporter:
         p.updated_at = utc_now()
 
     def _emit(self, final: bool = False) -> None:
+        if self.show is not None:
+            self.show(self.progress, final)
+            return
         line = format_line(self.progress)
         if self.tty:
             self.stream.write("\r" + line + ("\n" if final else ""))

@@ -306,8 +306,12 @@ def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: 
 
 # -- the job --------------------------------------------------------------------------------
 def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
-            stream: TextIO | None = None) -> RunResult:
-    """Run one labelling job to completion. Raises JobError for what cannot start."""
+            stream: TextIO | None = None,
+            show: Callable[[Progress, bool], None] | None = None) -> RunResult:
+    """Run one labelling job to completion. Raises JobError for what cannot start.
+
+    The live progress line goes to `stream` (stderr); `show(progress, final)`, when
+    given, is called instead (the demo draws one bar for all its steps)."""
     echo = echo or (lambda msg: print(msg, file=sys.stderr))
     spec = _absolute(spec.validate())
     t_start = time.time()
@@ -339,7 +343,7 @@ def run_job(spec: JobSpec, *, echo: Callable[[str], None] | None = None,
         with lease.keeper():
             return LeasedRun(RunContext(spec=spec, meta=meta, plan=plan, run_id=run_id,
                                         output=spec.output, t_start=t_start, echo=echo,
-                                        stream=stream, lease=lease)).run()
+                                        stream=stream, show=show, lease=lease)).run()
     finally:
         lease.release()
 
@@ -377,6 +381,7 @@ class RunContext:
     t_start: float
     echo: Callable[[str], None]
     stream: TextIO | None
+    show: Callable[[Progress, bool], None] | None
     lease: Lease
 
 
@@ -482,7 +487,7 @@ class LeasedRun:
         counter = self.counter
         self.reporter = ProgressReporter(
             self.progress, lambda: ray.get(counter.snapshot.remote(), timeout=10),
-            save=self.save_progress, stream=ctx.stream,
+            save=self.save_progress, stream=ctx.stream, show=ctx.show,
             stall_s=self.stall.after_s(), on_stall=self.stall.ring).start()
 
     def label(self) -> None:

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from drn.io import atomic_write
 from drn.metrics import ConfusionMatrix
 from pipeline.store.decode import decode_image
+from pipeline.training.threads import ThreadTuner, candidate_counts
 
 if TYPE_CHECKING:
     import drn
@@ -385,6 +386,8 @@ def train(
     patience: int | None = 5,
     log: Callable[[str], None] = print,
     resume: bool = True,
+    threads: int = 0,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train ``arch`` on ``data_dir`` and write the checkpoint ``out`` (see module doc).
 
@@ -394,6 +397,9 @@ def train(
     it ``val_split`` of ``data_dir`` is held out instead (0 disables validation, and then
     the last epoch is kept). ``patience`` epochs without a better validation mIoU stop
     the run (None: never). ``lr=None`` picks the rate (`pick_lr`).
+    ``threads`` fixes torch's thread count on a CPU; 0 lets the run pick it by timing
+    batches, and pick again as the machine's load changes (`ThreadTuner`). ``on_batch``
+    is called with (iterations done, iterations in all) after every batch.
     """
     if epochs < 1 or batch_size < 1 or size < 8:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and size >= 8; got {epochs}, {batch_size}, {size}")
@@ -401,6 +407,8 @@ def train(
         raise ValueError(f"val_split must be in [0, 1), got {val_split}")
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be at least 1 epoch (or None), got {patience}")
+    if threads < 0:
+        raise ValueError(f"threads must be 0 (pick by timing batches) or more, got {threads}")
     retries = 2 if lr is None else 0
     while True:
         try:
@@ -408,7 +416,8 @@ def train(
                           init=init, classes=classes, lr=lr, momentum=momentum,
                           weight_decay=weight_decay, scale_range=scale_range, seed=seed,
                           workers=workers, device=device, val_dir=val_dir, val_split=val_split,
-                          patience=patience, log=log, resume=resume)
+                          patience=patience, log=log, resume=resume, threads=threads,
+                          on_batch=on_batch)
         except DivergedError as exc:
             if retries == 0:
                 raise
@@ -420,7 +429,7 @@ def train(
 
 def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, momentum,
            weight_decay, scale_range, seed, workers, device, val_dir, val_split, patience, log,
-           resume) -> TrainResult:
+           resume, threads, on_batch) -> TrainResult:
     import drn
 
     data_dir, out = Path(data_dir), Path(out)
@@ -527,62 +536,78 @@ def _train(data_dir, *, arch, out, epochs, batch_size, size, init, classes, lr, 
             f"expected calibration error {c.ece_before:.4f} -> {c.ece_after:.4f}")
 
     started = time.perf_counter()
-    for epoch in range(done, epochs):
-        dataset.set_epoch(epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
-        batches = [order[i * batch:(i + 1) * batch].tolist() for i in range(iters_per_epoch)]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers)
-        model.train()
-        t0 = time.perf_counter()
-        losses = []
-        current_lr = lr
-        for images, targets in loader:
-            current_lr = poly_lr(lr, iteration, max_iterations)
-            for group in optimizer.param_groups:
-                group["lr"] = current_lr
-            images, targets = images.to(device_, non_blocking=True), targets.to(device_, non_blocking=True)
-            logits = model(images)
-            if not (targets != label_set.ignore_index).any():
-                iteration += 1  # nothing labelled in this batch (all padding/ignore)
-                continue
-            loss = F.cross_entropy(logits, targets, ignore_index=label_set.ignore_index)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"epoch {epoch + 1}: the loss is {loss.item()} at lr {current_lr:g}; "
-                                    "lower --lr", lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            iteration += 1
-        seconds = time.perf_counter() - t0
-        if not losses:
-            raise ValueError(f"epoch {epoch + 1}: no batch had a labelled pixel (masks all {label_set.ignore_index}?)")
-        mean_loss = float(np.mean(losses))
-        val_miou = None
-        if val_pairs:
-            val_miou = evaluate_pairs(model, val_pairs, label_set, device_).miou()
+    own_threads = torch.get_num_threads()
+    tuner = None
+    if device_.type == "cpu" and threads == 0:
+        tuner = ThreadTuner(candidate_counts(own_threads), torch.set_num_threads, on_change=lambda n, timed: log(
+            f"torch threads: {n} ({', '.join(f'{k}: {v:.3f}s' for k, v in timed.items())} a batch)"))
+    elif device_.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        for epoch in range(done, epochs):
+            dataset.set_epoch(epoch)
+            order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
+            batches = [order[i * batch:(i + 1) * batch].tolist() for i in range(iters_per_epoch)]
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers)
             model.train()
-        stats = EpochStats(epoch + 1, mean_loss, current_lr, seconds,
-                           iters_per_epoch * batch / seconds if seconds > 0 else math.nan, val_miou)
-        history.append(stats)
-        improved = val_miou is None or val_miou > best_miou()
-        if improved:
-            best_epoch = stats.epoch
-        stale = stats.epoch - best_epoch
-        stopped_early = (patience is not None and val_miou is not None and stale >= patience
-                         and stats.epoch >= epochs // 2)
-        finished = epoch + 1 == epochs or stopped_early
-        _save(model, optimizer, out, state_file, label_set, arch, settings, stats.epoch, iteration,
-              history, finished, best=improved, best_epoch=best_epoch, stopped_early=stopped_early,
-              calibrate=calibrate if val_pairs else None)
-        log(f"epoch {stats.epoch}/{epochs}  loss {stats.loss:.4f}  lr {stats.lr:.5f}  "
-            f"{stats.seconds:.1f}s  {stats.images_per_second:.1f} images/s"
-            + (f"  val mIoU {val_miou:.4f}" + (" (best)" if improved else "")
-               if val_miou is not None else ""))
-        if stopped_early:
-            log(f"no better validation mIoU for {patience} epochs: stopped; {out} holds epoch "
-                f"{best_epoch} (val mIoU {best_miou():.4f})")
-            break
+            t0 = time.perf_counter()
+            losses = []
+            current_lr = lr
+            for images, targets in loader:
+                current_lr = poly_lr(lr, iteration, max_iterations)
+                for group in optimizer.param_groups:
+                    group["lr"] = current_lr
+                images, targets = images.to(device_, non_blocking=True), targets.to(device_, non_blocking=True)
+                logits = model(images)
+                if not (targets != label_set.ignore_index).any():
+                    iteration += 1  # nothing labelled in this batch (all padding/ignore)
+                    continue
+                loss = F.cross_entropy(logits, targets, ignore_index=label_set.ignore_index)
+                if not torch.isfinite(loss):
+                    raise DivergedError(f"epoch {epoch + 1}: the loss is {loss.item()} at lr {current_lr:g}; "
+                                        "lower --lr", lr)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                iteration += 1
+                if tuner is not None:
+                    tuner.step()
+                if on_batch is not None:
+                    on_batch(iteration, max_iterations)
+            if tuner is not None:
+                tuner.pause()  # validation and saving are not a batch's time
+            seconds = time.perf_counter() - t0
+            if not losses:
+                raise ValueError(f"epoch {epoch + 1}: no batch had a labelled pixel (masks all {label_set.ignore_index}?)")
+            mean_loss = float(np.mean(losses))
+            val_miou = None
+            if val_pairs:
+                val_miou = evaluate_pairs(model, val_pairs, label_set, device_).miou()
+                model.train()
+            stats = EpochStats(epoch + 1, mean_loss, current_lr, seconds,
+                               iters_per_epoch * batch / seconds if seconds > 0 else math.nan, val_miou)
+            history.append(stats)
+            improved = val_miou is None or val_miou > best_miou()
+            if improved:
+                best_epoch = stats.epoch
+            stale = stats.epoch - best_epoch
+            stopped_early = (patience is not None and val_miou is not None and stale >= patience
+                             and stats.epoch >= epochs // 2)
+            finished = epoch + 1 == epochs or stopped_early
+            _save(model, optimizer, out, state_file, label_set, arch, settings, stats.epoch, iteration,
+                  history, finished, best=improved, best_epoch=best_epoch, stopped_early=stopped_early,
+                  calibrate=calibrate if val_pairs else None)
+            log(f"epoch {stats.epoch}/{epochs}  loss {stats.loss:.4f}  lr {stats.lr:.5f}  "
+                f"{stats.seconds:.1f}s  {stats.images_per_second:.1f} images/s"
+                + (f"  val mIoU {val_miou:.4f}" + (" (best)" if improved else "")
+                   if val_miou is not None else ""))
+            if stopped_early:
+                log(f"no better validation mIoU for {patience} epochs: stopped; {out} holds epoch "
+                    f"{best_epoch} (val mIoU {best_miou():.4f})")
+                break
+    finally:
+        torch.set_num_threads(own_threads)
     model.eval()
     return TrainResult(out, arch, history[-1].epoch if history else done, iteration, done,
                        time.perf_counter() - started, label_set, tuple(history), best_epoch,

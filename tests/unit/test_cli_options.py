@@ -3,6 +3,7 @@
 variables shown in --help."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,17 @@ def test_every_help_example_names_options_the_command_has():
                 assert "unexpected extra argument" not in exc.format_message(), line
             checked += 1
     assert checked >= 15, checked
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_entry_point_lets_idle_openmp_threads_sleep_unless_told(monkeypatch, given, expected):
+    from pipeline.cli import main
+
+    if given is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert os.environ["OMP_WAIT_POLICY"] == expected
