@@ -40,6 +40,25 @@ def plan_map_args() -> dict:
     return {"num_cpus": PLAN_TASK_CPUS, "compute": TaskPoolStrategy(size=PLAN_TASK_CONCURRENCY)}
 
 
+def rebundle(ds, rows: int):
+    """`ds.repartition(target_num_rows_per_block=rows)` run as a planning stage.
+
+    Dataset.repartition takes no remote arguments, so its task would reserve a CPU, and it
+    streams a whole input block (a manifest's row group of a million rows) as long as the
+    run reads it. On a 2-CPU node whose two predict workers hold half a CPU each, that left
+    no CPU for decoding: the run waited for ever with 0 images labelled. Its logical
+    operator is given the arguments of the other planning stages instead (Ray 2.60's
+    StreamingRepartition keeps them in `ray_remote_args` and `compute`, as map_batches
+    ops do); it then also fuses with the skip stage before it."""
+    from ray.data import TaskPoolStrategy
+
+    out = ds.repartition(target_num_rows_per_block=rows)
+    op = out._logical_plan.dag
+    object.__setattr__(op, "ray_remote_args", {"num_cpus": PLAN_TASK_CPUS})
+    object.__setattr__(op, "compute", TaskPoolStrategy(size=PLAN_TASK_CONCURRENCY))
+    return out
+
+
 def _listed(batch: pa.Table, *, plan: InputPlan) -> Iterator[pa.Table]:
     for unit in batch.column("unit").to_pylist():
         yield from list_unit(plan, unit, block_rows=MANIFEST_BATCH_ROWS)

@@ -7,6 +7,7 @@ the first image do not grow with the number of inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import platform
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -123,6 +125,40 @@ def check_output(output: str) -> None:
 
 
 # -- Ray ------------------------------------------------------------------------------------
+# What Ray's C++ logger prints on the driver's stderr when it starts and finds
+# RAY_BACKEND_LOG_LEVEL (set by the CLI to hide its error-level notices): one INFO line,
+# whatever the level asked for.
+RAY_LEVEL_NOTICE = "Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL"
+
+
+@contextlib.contextmanager
+def held_stderr(drop: str):
+    """Hold back what is written to file descriptor 2 (C++ code included) while the block
+    runs, then pass it on without the lines that contain `drop`. Does nothing when stderr
+    has no file descriptor (a test's captured stream)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().decode("utf-8", errors="replace")
+            kept = "".join(line for line in text.splitlines(True) if drop not in line)
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
 def ensure_ray(address: str | None) -> bool:
     """Connect to ADDRESS (or RAY_ADDRESS), else start an embedded local Ray. True if we started it."""
     import ray
@@ -153,9 +189,11 @@ def ensure_ray(address: str | None) -> bool:
 
     own_sigterm = (signal.getsignal(signal.SIGTERM)
                    if threading.current_thread() is threading.main_thread() else None)
+    quiet = held_stderr(RAY_LEVEL_NOTICE) if os.environ.get("RAY_BACKEND_LOG_LEVEL") else contextlib.nullcontext()
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False,
-                 logging_level=level)
+        with quiet:
+            ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False,
+                     logging_level=level)
     else:
         # An embedded Ray's workers inherit this environment (the DRN_LABEL_* and endpoint
         # variables are already in it); without a runtime_env they are the workers Ray
@@ -165,8 +203,9 @@ def ensure_ray(address: str | None) -> bool:
         if full:  # Ray would wait half a minute for files it cannot write, then fail
             raise JobError(f"cannot start a local Ray: {full}")
         try:
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                     logging_level=level)
+            with quiet:
+                ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                         logging_level=level)
         except Exception as exc:  # noqa: BLE001 - Ray's start-up failures are its internals' tracebacks
             raise JobError(f"cannot start a local Ray: {ray_start_failure(exc)}") from None
     if callable(own_sigterm):
@@ -270,7 +309,7 @@ def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: 
     from ray.data import TaskPoolStrategy
 
     from pipeline.job.commit import skip_done
-    from pipeline.job.plan import input_dataset, plan_map_args
+    from pipeline.job.plan import input_dataset, plan_map_args, rebundle
     from pipeline.job.stages import PredictActor, decode_batch, encode_batch
 
     spec = spec.resolved(cpus=2, gpus=0) if feed is None else spec  # tests call it directly
@@ -278,7 +317,7 @@ def build_dataset(spec: JobSpec, plan: InputPlan, meta: OutputMetadata, run_id: 
     ds = input_dataset(plan)
     ds = ds.map_batches(skip_done, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"writers": writers, "counter": counter}, **plan_map_args())
-    ds = ds.repartition(target_num_rows_per_block=feed.decode_rows)
+    ds = rebundle(ds, feed.decode_rows)
     # Ray fuses consecutive stages whose resources match; on a CPU-only cluster that would
     # run decoding inside the predict actors, in series with the model. Decode tasks
     # reserve the memory their block of images takes, which also keeps them a separate

@@ -34,6 +34,10 @@ def test_quiet_run_with_an_autoscaling_pool_and_one_rate(tmp_path):
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Token authentication" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
+    # No line of Ray's C++ logger ("[2026-12-06 04:29:17,742 I 6877 6877] logging.cc:303: ..."),
+    # at any level: not the actor-restart notice, not the one saying it read its level.
+    ray_lines = re.findall(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\].*$", proc.stderr, re.M)
+    assert not ray_lines, ray_lines
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith("finished: 6 ok, 0 errors"), summary
     last_line = [line for line in proc.stderr.splitlines() if "img/s" in line][-1]
