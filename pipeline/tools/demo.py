@@ -170,10 +170,10 @@ class DemoBar:
 
         now = self.clock()
         spent, left = now - self.t0, self.left_s(now)
+        done = spent / (spent + left) if spent + left > 0 else 0.0
         step = self._current
         what = f"{step.what}{': ' + step.detail if step and step.detail else ''}" if step else "starting"
-        return (f"demo {draw_bar(spent / (spent + left) if spent + left > 0 else 0.0)} "
-                f"{100 * spent / (spent + left) if spent + left > 0 else 0:3.0f}%  {what}  "
+        return (f"demo {draw_bar(done)} {100 * done:3.0f}%  {what}  "
                 f"{format_duration(spent)}, about {format_duration(left)} left")
 
     def draw(self, force: bool = False) -> None:
@@ -262,8 +262,7 @@ def write_demo_spec(root: Path, checkpoint: Path) -> Path:
 
 
 def _demo_steps(root: Path, count: int, bar: DemoBar, message: Callable[[str], None]):
-    """The demo's work, step by step (root is absolute: every path it prints works from
-    any folder)."""
+    """The demo's work, step by step (`root` is absolute)."""
     from pipeline.job.progress import Progress
     from pipeline.job.run import run_job
     from pipeline.spec import load_spec
@@ -298,12 +297,11 @@ def run_demo(root: Path, count: int, *, echo: Callable[[str], None] = print,
 
     Progress is one bar for the whole demo on `stream` (stderr), with messages above it
     (`echo_err`, when given, prints them instead)."""
-    with DemoBar(demo_steps(count), stream) as bar:
-        result, scores, out, spec_file = _demo_steps(root.absolute(), count, bar,
-                                                     echo_err or bar.message)
     from pipeline.store.output import DATA_DIR, STATE_DIR
 
-    root = root.absolute()
+    root = root.absolute()  # every path the demo prints works from any folder
+    with DemoBar(demo_steps(count), stream) as bar:
+        result, scores, out, spec_file = _demo_steps(root, count, bar, echo_err or bar.message)
     echo(result.summary())
     echo(f"agreement with the ground truth: mIoU {scores['miou']:.3f}, pixel accuracy "
                f"{scores['pixel_accuracy']:.3f} over {scores['images_evaluated']} images")
